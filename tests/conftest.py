@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny offline models (built once per session) and synthetic inputs."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message=".*per-frame pixel cap.*")
+
+HF_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava"]
+_CACHE = {}
+
+
+def tiny(model_id, **kw):
+    """A tiny model, built once per session per (id, options)."""
+    import vlminterp
+
+    key = (model_id, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = vlminterp.load(model_id, **kw)
+    return _CACHE[key]
+
+
+def random_video(seed, frames=8, size=112):
+    return np.random.RandomState(seed).randint(0, 255, (frames, size, size, 3), dtype=np.uint8)
+
+
+def random_image(seed, w=80, h=60):
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def clean_and_counterfactual(vlm, seed=0):
+    """One batch: row 0 clean, row 1 counterfactual (video for Qwen, image for LLaVA)."""
+    if vlm.family.name.startswith("qwen"):
+        return vlm.prepare(text="Which direction does it move?",
+                           video=[random_video(seed), random_video(seed + 1)])
+    return vlm.prepare(text="What is this?", images=[random_image(seed), random_image(seed + 1)])
+
+
+@pytest.fixture(params=HF_FAMILIES)
+def hf_vlm(request):
+    return tiny(request.param)

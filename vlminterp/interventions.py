@@ -1,0 +1,153 @@
+"""Interventions: plain functions called *inside* a trace.
+
+Each takes a site (an nnsight envoy such as ``vlm.layers[3]`` or ``vlm.embed``) and
+reads or edits its output in place, so the same program runs locally and with
+``remote=True``. The body of each function is torch-only (it executes server-side on NDIF).
+Rows are batch rows of one traced forward: clean and counterfactual inputs go through the
+processor as one batch, and patches copy between rows (see NOTES: invokes cannot carry
+video tensors).
+
+    with vlm.trace(inputs):
+        patch(vlm.layers[5], positions, src_row=0, dst_rows=[1])
+        logits = vlm.lm_head.output[:, -1].save()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import nnsight
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Positions = Int[Tensor, "_pos"] | Sequence[int] | slice | None
+
+
+def output_tensor(site) -> Tensor:
+    """The site's output tensor (element 0 when the module returns a tuple)."""
+    out = site.output
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _index(positions) -> Tensor | slice:
+    if positions is None:
+        return slice(None)
+    if isinstance(positions, slice):
+        return positions
+    return torch.as_tensor(positions, dtype=torch.long)
+
+
+def _rows(rows, batch: int) -> Tensor:
+    if rows is None:
+        return torch.arange(batch)
+    return torch.as_tensor([rows] if isinstance(rows, int) else rows, dtype=torch.long)
+
+
+def _cells(h: Tensor, rows: Tensor, pos) -> tuple:
+    """Broadcastable (rows, positions) index into ``h[b, pos]``."""
+    if isinstance(pos, slice):
+        return (rows, pos)
+    return (rows.to(h.device)[:, None], pos.to(h.device)[None, :])
+
+
+def cache(sites: Mapping[str, object] | Sequence[object], positions: Positions = None,
+          rows=None) -> dict:
+    """Save the outputs of several sites (at ``positions`` of ``rows``). Sites must be given
+    in execution order. Returns ``{name: saved tensor [rows, pos, d]}``; a sequence of sites
+    is keyed by index."""
+    items = sites.items() if isinstance(sites, Mapping) else enumerate(sites)
+    saved = {}
+    for name, site in items:
+        h = output_tensor(site)
+        idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
+        saved[name] = h[idx].detach().clone()
+    return nnsight.save(saved)
+
+
+def patch(site, positions: Positions, *, src_row: int, dst_rows, src_positions: Positions = None
+          ) -> None:
+    """Copy the site's output at ``positions`` from batch row ``src_row`` into ``dst_rows``.
+
+    Denoising patches clean -> counterfactual rows; noising does the reverse.
+    ``src_positions`` (same length) reads from other positions of the source row."""
+    h = output_tensor(site)
+    pos = _index(positions)
+    src_pos = pos if src_positions is None else _index(src_positions)
+    dst = _rows(dst_rows, h.shape[0])
+    value = h[src_row, src_pos].detach().clone()
+    h[_cells(h, dst, pos)] = value.unsqueeze(0).expand(len(dst), *value.shape)
+
+
+def ablate(site, positions: Positions, kind: str = "zero", *,
+           mean: Float[Tensor, "d"] | None = None, source_row: int | None = None,
+           rows=None) -> None:
+    """Replace the site's output at ``positions``: ``zero``; ``mean`` (a given mean vector,
+    e.g. from `store.streaming_mean`); ``resample`` (the same positions of ``source_row``)."""
+    if kind not in ("zero", "mean", "resample"):
+        raise ValueError(f"ablate kind {kind!r}: expected 'zero', 'mean' or 'resample'")
+    if kind == "mean" and mean is None:
+        raise ValueError("ablate kind 'mean' needs mean= (a [d_model] vector)")
+    if kind == "resample":
+        if source_row is None:
+            raise ValueError("ablate kind 'resample' needs source_row=")
+        patch(site, positions, src_row=source_row, dst_rows=rows)
+        return
+    h = output_tensor(site)
+    idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
+    if kind == "zero":
+        h[idx] = 0.0
+    else:
+        h[idx] = mean.to(device=h.device, dtype=h.dtype)
+
+
+def add_vector(site, vector: Float[Tensor, "d"], positions: Positions = None,
+               alpha: float = 1.0, rows=None) -> None:
+    """Steering: add ``alpha * vector`` to the site's output at ``positions``."""
+    h = output_tensor(site)
+    idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
+    h[idx] = h[idx] + alpha * vector.to(device=h.device, dtype=h.dtype)
+
+
+def knockout_attention(vlm, sources: Positions, targets: Positions, layers, rows=None) -> None:
+    """Block attention from ``sources`` (keys) to ``targets`` (queries) in ``layers``.
+
+    The attention mask that reaches each layer's ``self_attn`` is rebuilt as an additive
+    float mask (causal + padding as the model had it) with the dtype's minimum at the blocked
+    (query, key) entries, so the blocked weights are exactly 0 under eager and SDPA
+    attention alike — writing ``False`` into a float mask would block nothing. Call it
+    before reading anything from these layers in the same trace."""
+    src, tgt = _index(sources), _index(targets)
+    for layer in sorted(layers):
+        attn = vlm.layers[layer].self_attn
+        args, kwargs = attn.inputs
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        mask = additive_mask(kwargs.get("attention_mask"), hidden)
+        b = _rows(rows, mask.shape[0]).to(mask.device)
+        if isinstance(src, slice) or isinstance(tgt, slice):
+            raise ValueError("knockout_attention: sources and targets must be explicit positions")
+        if len(src) and len(tgt):
+            mask[b[:, None, None], 0, tgt.to(mask.device)[None, :, None],
+                 src.to(mask.device)[None, None, :]] = torch.finfo(mask.dtype).min
+        attn.inputs = (args, {**kwargs, "attention_mask": mask})
+
+
+def additive_mask(mask: Tensor | None, hidden: Float[Tensor, "batch q d"]) -> Tensor:
+    """A [batch, 1, q, k] float mask (0 = attend, dtype min = blocked) from whatever the model
+    passes: None (causal, no padding), a boolean mask, or an additive float mask."""
+    batch, q = hidden.shape[0], hidden.shape[1]
+    lowest = torch.finfo(hidden.dtype).min
+    if mask is None:
+        causal = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
+        mask = causal[None, None].expand(batch, 1, q, q)
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        return torch.where(mask, zero, torch.full_like(zero, lowest)).expand(batch, 1, -1, -1
+                                                                             ).clone()
+    return mask.to(hidden.dtype).expand(batch, 1, -1, -1).clone()
+
+
+def logit_lens(vlm, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch vocab"]:
+    """Vocabulary logits of a hidden state through ``ln_final`` then ``lm_head``. Read
+    layer outputs (not HF ``hidden_states``, whose last entry is already normed)."""
+    return vlm.lm_head(vlm.ln_final(hidden))

@@ -1,0 +1,63 @@
+"""open_clip ViT: standard names (``vlm.vision.blocks``), inputs, CLS + patch-grid layout."""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokens import ImageGeometry, ImageSpan, RowLayout, TokenLayout
+from .base import Family, ModelInputs
+
+RENAME = {"visual": "vision", "visual.transformer.resblocks": "visual.blocks"}
+
+
+def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int) -> ImageGeometry:
+    """Resize-shortest-edge then centre-crop, as CLIPImageProcessor and open_clip do."""
+    w, h = size
+    if w <= h:
+        rw, rh = shortest_edge, int(shortest_edge * h / w)
+    else:
+        rw, rh = int(shortest_edge * w / h), shortest_edge
+    cw, ch = crop
+    left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
+    return ImageGeometry((w, h), (rw, rh), (left, top, left + cw, top + ch), patch,
+                         (ch // patch, cw // patch))
+
+
+def prepare(vlm, *, text, images, video, chat, answer_prefix, **kw) -> ModelInputs:
+    from .common import as_list
+    from .qwen2_vl import _to_pil
+
+    if text or video is not None:
+        raise ValueError("clip: the vision encoder takes images only (text=/video= not used)")
+    pil = [_to_pil(im) for im in as_list(images, "images")]
+    if not pil:
+        raise ValueError("images: expected at least one image")
+    pixels = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
+    return ModelInputs({"image": pixels}, meta={"image_sizes": [im.size for im in pil]})
+
+
+def layout(vlm, inputs: ModelInputs) -> TokenLayout:
+    visual = vlm.torch_model.visual
+    gh, gw = visual.grid_size
+    size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+    n = 1 + gh * gw
+    rows = []
+    for s in inputs.meta["image_sizes"]:
+        geo = crop_geometry(s, size, (size, size), patch)
+        row = RowLayout(seq_len=n, text=torch.zeros(0, dtype=torch.long),
+                        visual=torch.arange(1, n), last=n - 1, cls=0)
+        row.images.append(ImageSpan(torch.arange(1, n), geo))
+        rows.append(row)
+    return TokenLayout(rows)
+
+
+def load_pretrained(name: str, pretrained: str | None, *, device, dtype):
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    return model, preprocess
+
+
+FAMILY = Family("clip", RENAME, prepare, layout)
