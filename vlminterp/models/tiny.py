@@ -145,7 +145,8 @@ def build_qwen2_vl(seed: int = 0, version: str = "2"):
     model = cls(config).eval()
     processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(**proc_kw),
-        video_processor=Qwen2VLVideoProcessor(do_sample_frames=False, **proc_kw),
+        video_processor=Qwen2VLVideoProcessor(do_sample_frames=False, cap_pixels_per_frame=True,
+                                              **proc_kw),
         tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
