@@ -1,0 +1,331 @@
+"""Results and activations on disk: atomic JSON, resumable JSONL logs, safetensors shards.
+
+Nothing here pickles: activations are safetensors + a JSON index, and legacy ``*.pt`` files are
+read with ``torch.load(weights_only=True)`` only. Every writer is crash-safe (temp file + fsync +
+``os.replace``) so a killed run leaves either the old file or the new one, never half of one.
+Single writer per file: concurrent writers to one log or store are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: NaN/inf → None, numpy/torch scalars → Python numbers, arrays → lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, np.generic, Tensor)):
+        return _jsonable(obj.tolist())  # Tensor/np scalars .tolist() give Python numbers
+    return obj
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename itself (best effort: not every platform can open a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a fresh temp path beside ``path``, fsync it, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by write(): umask perms
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as strict JSON (indent=2, NaN/inf as null); the old file survives any failure."""
+    text = _dumps(obj, indent=2) + "\n"  # serialise first: a TypeError here touches no file
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class ResultLog:
+    """Resumable per-sample results: one JSONL line per finished sample, fsynced.
+
+    Lines are ``{"key": k, "records": [...]}`` or ``{"key": k, "error": "..."}``. A key whose
+    latest line is an error counts as done (a rerun skips it) unless ``retry_errors=True``.
+    A truncated last line (the run was killed mid-write) is ignored with a warning and cut off
+    before the next append.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False) -> None:
+        self.path = Path(path)
+        self.retry_errors = retry_errors
+        self._entries: dict[str, dict] = {}  # key → latest line; re-adding moves it to the end
+        self._good_end = 0  # byte offset just after the last complete line
+        self._needs_repair = False  # the file's tail must be cut or newline-terminated first
+        self._read()
+
+    def _read(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        pos, lineno = 0, 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            end = len(data) if nl < 0 else nl + 1
+            raw, lineno = data[pos:end], lineno + 1
+            if raw.strip():
+                try:
+                    entry = json.loads(raw)
+                    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+                        raise ValueError("expected an object with a string 'key'")
+                except ValueError as e:
+                    if end < len(data):
+                        raise ValueError(f"{self.path}:{lineno}: corrupt result line ({e})") from None
+                    warnings.warn(f"{self.path}:{lineno}: ignoring truncated last line ({len(raw)} bytes)")
+                    break
+                self._entries.pop(entry["key"], None)
+                self._entries[entry["key"]] = entry
+            pos = self._good_end = end
+        # cut a truncated tail, or add the newline a complete last line lacks, before appending
+        self._needs_repair = self._good_end < len(data) or not data.endswith(b"\n")
+
+    @property
+    def done(self) -> set[str]:
+        return {k for k, e in self._entries.items() if not (self.retry_errors and "error" in e)}
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {k: e["error"] for k, e in self._entries.items() if "error" in e}
+
+    def records(self) -> list[dict]:
+        """All records, in order of (latest) completion, one entry per key (last write wins)."""
+        return [r for e in self._entries.values() if "records" in e for r in e["records"]]
+
+    def append(self, key: str, records: list[dict]) -> None:
+        self._write({"key": key, "records": records})
+
+    def append_error(self, key: str, message: str) -> None:
+        self._write({"key": key, "error": message})
+
+    def _write(self, entry: dict) -> None:
+        line = (_dumps(entry) + "\n").encode("utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._needs_repair and self.path.exists():
+            with open(self.path, "rb+") as f:
+                f.truncate(self._good_end)
+                f.seek(max(self._good_end - 1, 0))
+                if self._good_end and f.read(1) != b"\n":
+                    f.write(b"\n")
+                    self._good_end += 1
+                f.flush()
+                os.fsync(f.fileno())
+        self._needs_repair = False
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self._good_end += len(line)
+        self._entries.pop(entry["key"], None)
+        self._entries[entry["key"]] = json.loads(line)
+
+
+class ActivationStore:
+    """Named tensors per key in ``root/shards/<n>.safetensors``, indexed by ``root/index.json``.
+
+    Each ``put`` writes one shard, then rewrites the index (O(number of keys)); both atomically,
+    so a crash leaves at worst an unreferenced shard. Keys are arbitrary strings kept in the index;
+    tensor names in shard files are ``t0, t1, ...``. Re-putting a key keeps its position.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.index_path = self.root / "index.json"
+        self._index: dict[str, dict] = {}
+        if self.index_path.exists():
+            try:
+                index = json.loads(self.index_path.read_text(encoding="utf-8"))
+                if not isinstance(index, dict) or not all(
+                    isinstance(v, dict) and isinstance(v.get("shard"), str) and isinstance(v.get("names"), list)
+                    for v in index.values()
+                ):
+                    raise ValueError("expected an object mapping keys to {shard, names, ...} entries")
+            except (ValueError, UnicodeDecodeError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{self.index_path}: corrupt activation-store index ({msg})") from None
+            self._index = index
+        shards = self.root / "shards"
+        files = [p.name for p in shards.glob("*.safetensors")] if shards.exists() else []
+        stems = [f.split(".")[0] for f in files + [e["shard"] for e in self._index.values()]]
+        self._next_shard = max((int(s) for s in stems if s.isdigit()), default=-1) + 1
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def _entry(self, key: str) -> dict:
+        if key not in self._index:
+            raise KeyError(f"{key!r} is not in the activation store at {self.root}")
+        return self._index[key]
+
+    def names(self, key: str) -> list[str]:
+        return list(self._entry(key)["names"])
+
+    def meta(self, key: str) -> dict:
+        return dict(self._entry(key).get("meta", {}))
+
+    def put(self, key: str, tensors: dict[str, Tensor], meta: dict | None = None) -> None:
+        names = list(tensors)
+        for name, t in tensors.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"tensors[{name!r}] for key {key!r}: expected a Tensor, got {type(t).__name__}")
+        # clone: safetensors refuses views that share storage; contiguous for its byte layout
+        payload = {f"t{i}": tensors[n].detach().to("cpu").contiguous().clone() for i, n in enumerate(names)}
+        shard = f"{self._next_shard}.safetensors"
+        self._next_shard += 1
+        atomic_write(self.root / "shards" / shard, lambda tmp: save_file(payload, str(tmp)))
+        old = self._index.get(key)
+        self._index[key] = {
+            "shard": shard,
+            "names": names,
+            "shapes": {n: list(tensors[n].shape) for n in names},
+            "dtypes": {n: str(tensors[n].dtype).removeprefix("torch.") for n in names},
+            "meta": _jsonable(meta or {}),
+        }
+        write_json_atomic(self.index_path, self._index)
+        if old is not None and old["shard"] != shard:
+            (self.root / "shards" / old["shard"]).unlink(missing_ok=True)
+
+    def get(self, key: str, names: list[str] | None = None) -> dict[str, Tensor]:
+        entry = self._entry(key)
+        stored = entry["names"]
+        wanted = stored if names is None else names
+        missing = [n for n in wanted if n not in stored]
+        if missing:
+            raise KeyError(f"key {key!r} has no tensors {missing}; it has {stored}")
+        with safe_open(str(self.root / "shards" / entry["shard"]), framework="pt", device="cpu") as f:
+            return {n: f.get_tensor(f"t{stored.index(n)}") for n in wanted}
+
+    def iter(self, names: list[str] | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        """``(key, tensors)`` in insertion order, loading one shard at a time."""
+        for key in list(self._index):
+            yield key, self.get(key, names)
+
+
+def _legacy_tensor(path: Path, name: str) -> Tensor:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors and containers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): {first}") from e
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get(name), Tensor):
+        return obj[name]
+    raise ValueError(f"{path}: expected a tensor or a dict with tensor {name!r}, got {type(obj).__name__}")
+
+
+def _named_tensors(source: ActivationStore | str | os.PathLike, name: str) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(source, ActivationStore):
+        store = source
+    elif (Path(source) / "index.json").exists():
+        store = ActivationStore(source)
+    else:
+        for path in sorted(Path(source).glob("*.pt")):
+            yield path.name, _legacy_tensor(path, name)
+        return
+    for key in store.keys():
+        if name not in store.names(key):
+            raise ValueError(f"key {key!r} in {store.root} has no tensor {name!r} (it has {store.names(key)})")
+        yield key, store.get(key, [name])[name]
+
+
+def streaming_mean(
+    store_or_dir: ActivationStore | str | os.PathLike, name: str, over: str | None = None
+) -> Float[Tensor, "*shape"]:
+    """Mean of tensor ``name`` over all keys, as a float64 running sum (constant memory).
+
+    ``over=None``: each stored tensor is one sample (any shape, the same for every key).
+    ``over="rows"``: each stored tensor is ``[n, d]`` and every row of every key is a sample.
+    ``store_or_dir`` is an ActivationStore, its root, or a directory of legacy ``*.pt`` files.
+    """
+    if over not in (None, "rows"):
+        raise ValueError(f"over: expected None or 'rows', got {over!r}")
+    where = store_or_dir.root if isinstance(store_or_dir, ActivationStore) else Path(store_or_dir)
+    total: Tensor | None = None
+    count = 0
+    first_key = ""
+    for key, t in _named_tensors(store_or_dir, name):
+        if over == "rows" and t.ndim != 2:
+            raise ValueError(f"key {key!r}: over='rows' needs a [n, d] tensor {name!r}, got shape {tuple(t.shape)}")
+        sample_shape = tuple(t.shape[1:]) if over == "rows" else tuple(t.shape)
+        if total is not None and sample_shape != tuple(total.shape):
+            raise ValueError(
+                f"key {key!r}: tensor {name!r} has sample shape {sample_shape}, "
+                f"but key {first_key!r} had {tuple(total.shape)}"
+            )
+        t64 = t.to(torch.float64)
+        part = t64.sum(0) if over == "rows" else t64
+        total = part if total is None else total + part
+        first_key = first_key or key
+        count += t.shape[0] if over == "rows" else 1
+    if total is None or count == 0:
+        raise ValueError(f"{where}: no samples of tensor {name!r} (empty store or directory)")
+    return (total / count).to(torch.float32)
+
+
+def _vector_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / "mean_vector.safetensors" if path.is_dir() else path
+
+
+def save_vector(path: str | os.PathLike, vector: Float[Tensor, " d"], meta: dict | None = None) -> Path:
+    """Save one vector as safetensors (tensor ``mean_vector``; ``meta`` as string metadata, non-strings
+    JSON-encoded). A directory ``path`` gets ``path/mean_vector.safetensors``."""
+    metadata = {str(k): v if isinstance(v, str) else _dumps(v) for k, v in (meta or {}).items()}
+    payload = {"mean_vector": vector.detach().to("cpu").contiguous().clone()}
+    return atomic_write(_vector_file(path), lambda tmp: save_file(payload, str(tmp), metadata=metadata))
+
+
+def load_vector(path: str | os.PathLike) -> Float[Tensor, " d"]:
+    with safe_open(str(_vector_file(path)), framework="pt", device="cpu") as f:
+        return f.get_tensor("mean_vector")
+
+
+def vector_meta(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata saved with a vector by ``save_vector``."""
+    with safe_open(str(_vector_file(path)), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
