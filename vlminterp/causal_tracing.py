@@ -1,0 +1,453 @@
+"""Counterfactual causal tracing over video frames: which layer and which tokens carry the answer.
+
+For one question about a clean clip and a counterfactual clip (reversed, frames swapped, ...):
+
+* score = `option_margin` of the option letters at the last position (correct letter's logit minus
+  the best other letter's);
+* total effect TE = clean_score - counterfactual_score;
+* ``denoise`` (the original study's direction): copy the clean run's activations at one layer and
+  token slice into the counterfactual run; effect = (patched - counterfactual) / TE, the fraction of
+  the clean answer these activations *restore* (sufficiency);
+* ``noise``: copy the counterfactual run's activations into the clean run; effect =
+  (clean - patched) / TE, the fraction of the total effect these activations *reproduce* when
+  corrupted alone (necessity). In both directions 1 means "all of it", 0 "none", and the effect is
+  None when TE = 0.
+
+Layer ``"embed"`` is the language model's input embeddings (text embeddings with the projector's
+visual tokens scattered in: the input of ``layers[0]``); layer ``i`` is ``layers[i]``'s output.
+
+Every condition is one extra batch row of a single traced forward: row 0 is the clean run, row 1
+the counterfactual run, row 2 + j the run patched for condition j (``batch_size`` conditions per
+forward). Frame spans ``visual_frames:a:b`` are mapped to the temporal token groups that hold the
+frames (Qwen2-VL merges 2 frames per group); a span that cuts a group patches the whole group and
+the record says which groups and frames were really patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import string
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int, UInt8
+from torch import Tensor
+
+from .counterfactuals import check_span, parse_swap_spans
+from .metrics import option_margin, normalised_effect
+from .tokens import TokenSlice
+
+LETTERS = string.ascii_uppercase
+VPRIME_ROWS = 128
+Frames = UInt8[np.ndarray, "t h w 3"]
+DIRECTIONS = ("denoise", "noise")
+EFFECT_DOC = {
+    "denoise": "(patched - counterfactual) / (clean - counterfactual): clean activations patched "
+               "into the counterfactual run; 1 = they restore the clean answer; null when equal",
+    "noise": "(clean - patched) / (clean - counterfactual): counterfactual activations patched "
+             "into the clean run; 1 = they reproduce the whole drop; null when equal",
+}
+
+
+# -- the multiple-choice question ---------------------------------------------------------------
+def mc_prompt(question: str, candidates: list[str]) -> str:
+    """The original study's prompt: ``"{question}\\nOptions:\\nA. ...\\nB. ...\\nAnswer:"``."""
+    if len(candidates) > len(LETTERS):
+        raise ValueError(f"{len(candidates)} candidates: at most {len(LETTERS)} option letters")
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(candidates))
+    return f"{question}\nOptions:\n{options}\nAnswer:"
+
+
+def option_ids(vlm, n: int, chat: bool = True) -> list[int]:
+    """Token ids of the option letters as the model would emit them. Under the chat template
+    the reply starts right after the generation prompt (``...assistant\\n``), so the letter is
+    a line-initial ``"A"``; a plain prompt ending in ``"Answer:"`` continues with ``" A"``."""
+    ids = [vlm.token_id(letter if chat else " " + letter) for letter in LETTERS[:n]]
+    if len(set(ids)) != n:
+        raise ValueError(f"option letters {list(LETTERS[:n])} do not map to distinct tokens: {ids}")
+    return ids
+
+
+def option_scores(vlm, frames: Frames, prompt: str, ids: list[int]) -> list[float]:
+    """The option letters' logits at the last position of one clip's chat prompt."""
+    inputs = vlm.prepare(text=prompt, video=[frames])
+    keep = _trace_kwargs(vlm)
+    at = -1 if keep else vlm.layout(inputs)[0].last
+    with torch.no_grad(), vlm.trace(inputs, **keep):
+        logits = vlm.lm_head.output[0, at].save()
+    return logits[list(ids)].float().tolist()
+
+
+def candidate_logprobs(vlm, frames: Frames, prompt: str, candidates: list[str]) -> list[float]:
+    """Summed log-probability of each full candidate text as the assistant's reply (one plain
+    forward per candidate, teacher-forced after the chat prompt)."""
+    prompt_ids = vlm.prepare(text=prompt, video=[frames])["input_ids"][0]
+    out = []
+    for cand in candidates:
+        inputs = vlm.prepare(text=prompt, video=[frames], answer_prefix=cand)
+        ids = inputs["input_ids"][0]
+        n = len(prompt_ids)
+        if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
+            raise ValueError(f"candidate {cand!r} does not tokenize as a continuation of the prompt")
+        logp = torch.log_softmax(vlm.forward(inputs)[0].float(), dim=-1)
+        out.append(float(logp[torch.arange(n - 1, len(ids) - 1), ids[n:]].sum()))
+    return out
+
+
+# -- what to patch ------------------------------------------------------------------------------
+def parse_layers(spec: str, n_layers: int) -> list:
+    """``"all"`` -> ``["embed", 0, ..., n-1]``; else comma-separated ``embed``, ``i`` (negative
+    counts from the end) or ``a:b`` (half-open range)."""
+    if spec.strip() == "all":
+        return ["embed", *range(n_layers)]
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        try:
+            if item == "embed":
+                new = ["embed"]
+            elif ":" in item:
+                a, b = (int(x) for x in item.split(":"))
+                new = list(range(a, b))
+                if not new:
+                    raise ValueError
+            else:
+                new = [int(item)]
+        except ValueError:
+            raise ValueError(f"layers {spec!r}: {item!r} is not 'embed', an integer or a range "
+                             f"a:b; allowed: 'all' or e.g. 'embed,0,2:4'") from None
+        for layer in new:
+            if layer != "embed" and not -n_layers <= layer < n_layers:
+                raise ValueError(f"layers {spec!r}: layer {layer} is beyond the model's "
+                                 f"{n_layers} decoder layers (0..{n_layers - 1})")
+            layer = layer if layer == "embed" or layer >= 0 else layer + n_layers
+            if layer not in out:
+                out.append(layer)
+    return sorted(out, key=_layer_order)
+
+
+def check_frame_args(token_slice: str, swap_spans: str, num_frames: int):
+    """Validate the recipe's --token_slice and --swap_spans ('none' = no local_swap) against
+    ``num_frames`` before any work; returns ``(TokenSlice, spans or None)``."""
+    spans = None if swap_spans == "none" else parse_swap_spans(swap_spans)
+    for span in spans or ():
+        check_span(span, num_frames, f"--swap_spans {swap_spans!r}")
+    sl = TokenSlice.parse(token_slice)
+    if sl.kind == "visual_frames" and sl.stop > num_frames:
+        raise ValueError(f"--token_slice {token_slice!r} is beyond the video's {num_frames} "
+                         f"frames (--num_frames)")
+    return sl, spans
+
+
+def _layer_order(layer) -> int:
+    return -1 if layer == "embed" else int(layer)
+
+
+def _frames_spec(spans) -> str:
+    """One spec for a union of frame spans: contiguous spans merge into one range."""
+    spans = sorted(spans)
+    if all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
+        return f"visual_frames:{spans[0][0]}:{spans[-1][1]}"
+    return "+".join(f"visual_frames:{a}:{b}" for a, b in spans)
+
+
+def tracing_slices(token_slice: str, counterfactual: str, swap_spans=None) -> list[tuple[str, str]]:
+    """``(role, spec)`` pairs to trace for one counterfactual: the main ``token_slice``, and for
+    ``local_swap`` also spanA, spanB, their union and the text tokens (duplicates dropped)."""
+    pairs = [("main", str(TokenSlice.parse(token_slice)))]
+    if counterfactual == "local_swap" and swap_spans is not None:
+        a, b = swap_spans
+        pairs += [("spanA", _frames_spec([a])), ("spanB", _frames_spec([b])),
+                  ("union", _frames_spec([a, b])), ("text", "text")]
+    seen, out = set(), []
+    for role, spec in pairs:
+        if spec not in seen:
+            seen.add(spec)
+            out.append((role, spec))
+    return out
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """Resolved positions of a spec in one layout row, and what they really cover."""
+
+    positions: Tensor
+    groups: tuple[int, ...]  # temporal token groups patched (visual slices)
+    frames: tuple[tuple[int, int], ...]  # half-open input-frame ranges those groups hold
+    exact: bool  # False when a frame span cut a temporal group and the group was taken whole
+
+    def record(self) -> dict:
+        return {"positions": position_runs(self.positions), "num_positions": len(self.positions),
+                "groups": list(self.groups), "frames": [list(f) for f in self.frames],
+                "exact": self.exact}
+
+
+def position_runs(positions: Int[Tensor, " n"]) -> list[list[int]]:
+    """Sorted positions as half-open ``[start, stop)`` runs: [5,6,7,9] -> [[5, 8], [9, 10]]."""
+    runs: list[list[int]] = []
+    for p in sorted(int(x) for x in positions):
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return runs
+
+
+def resolve_slice(lay, spec: str, row: int = 0) -> SliceInfo:
+    """Positions of ``spec`` (a `TokenSlice`, or several joined by ``+``) in ``lay[row]``."""
+    parts = [TokenSlice.parse(s) for s in spec.split("+")]
+    positions, groups, frames, exact = [], set(), [], True
+    video = lay[row].videos[0] if lay[row].videos else None
+    for sl in parts:
+        positions.append(lay.positions(sl, row))
+        if sl.kind == "visual_frames":
+            fs = video.frame_span(sl.start, sl.stop)
+            groups.update(fs.groups)
+            frames.append(fs.frames)
+            exact &= fs.exact
+        elif sl.kind in ("visual", "all") and video is not None:
+            groups.update(range(len(video.groups)))
+            frames.append((0, video.num_frames))
+    pos = torch.unique(torch.cat(positions))
+    return SliceInfo(pos, tuple(sorted(groups)), tuple(frames), exact)
+
+
+# -- one batched forward ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    layer: object  # "embed" or a decoder layer index
+    role: str
+    token_slice: str
+
+
+def conditions_for(layers: list, slices: list[tuple[str, str]]) -> list[Condition]:
+    return [Condition(layer, role, spec) for layer in layers for role, spec in slices]
+
+
+def _trace_kwargs(vlm) -> dict:
+    """Only the last position's logits are needed (skip the [B, seq, vocab] projection), and
+    no key/value cache."""
+    params = inspect.signature(vlm.torch_model.forward).parameters
+    return {k: v for k, v in (("logits_to_keep", 1), ("use_cache", False)) if k in params}
+
+
+_GRIDS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
+
+
+def select_rows(inputs, rows: list[int]):
+    """A batch made of ``rows`` of a prepared batch (rows may repeat), without re-running the
+    processor. Pixel tensors flattened over patches (Qwen2-VL) are split per row by their
+    grid; every other tensor is indexed on its batch axis. One video or image per row."""
+    from .models import ModelInputs
+
+    n = inputs.batch_size
+    out = {}
+    for key, value in inputs.items():
+        if key in _GRIDS and _GRIDS[key] in inputs:
+            parts = value.split(inputs[_GRIDS[key]].prod(-1).tolist())
+            if len(parts) != n:
+                raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
+            out[key] = torch.cat([parts[r] for r in rows])
+        elif isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+            out[key] = value[list(rows)]
+        else:
+            raise ValueError(f"select_rows: cannot split input {key!r} by batch row")
+    meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
+            for k, v in inputs.meta.items()}
+    return ModelInputs(out, meta=meta)
+
+
+def _check_rows_align(lay) -> None:
+    first = lay[0]
+    for r in range(1, len(lay)):
+        if lay[r].seq_len != first.seq_len or not torch.equal(lay[r].visual, first.visual):
+            raise ValueError(f"batch row {r} does not share row 0's token layout: clean and "
+                             f"counterfactual clips must have the same frame count and size")
+
+
+def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
+              direction: str = "denoise", dump: bool = False):
+    """One traced forward over ``pair`` (prepared rows [clean, counterfactual]) extended to
+    rows [clean, counterfactual, patched...]. Returns (scores [2 + k], {spec: SliceInfo},
+    representations of rows 0 and 1 or None)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    src, dst = (0, 1) if direction == "denoise" else (1, 0)
+    inputs = select_rows(pair, [0, 1] + [dst] * len(chunk))
+    lay = vlm.layout(inputs)
+    _check_rows_align(lay)
+    infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}
+    by_layer: dict = {}
+    for j, c in enumerate(chunk):
+        by_layer.setdefault(c.layer, []).append((2 + j, infos[c.token_slice].positions))
+    visual, last = lay[0].visual, lay[0].last
+    real = torch.nonzero(inputs["attention_mask"][0].cpu()).flatten()
+    layers = sorted(set(by_layer) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
+                    key=_layer_order)
+    reps, keep = {}, _trace_kwargs(vlm)
+    at = -1 if keep else last
+    with torch.no_grad(), vlm.trace(inputs, **keep):
+        for layer in layers:
+            h = vlm.layers[0].input if layer == "embed" else vlm.layers[layer].output
+            for row, pos in by_layer.get(layer, []):
+                h[row, pos] = h[src, pos]
+            if dump:
+                reps[layer] = h[0:2, visual].mean(1).save()
+                if layer == "embed":
+                    reps["inputs_mean"] = h[0:2, real].mean(1).save()
+                    reps["vprime"] = h[0:2, visual].save()
+        logits = vlm.lm_head.output[:, at].save()
+    scores = option_margin(logits.float(), option_ids_, correct).tolist()
+    return scores, infos, (_representations(vlm, reps) if dump else None)
+
+
+def _representations(vlm, reps: dict) -> list[dict[str, Tensor]]:
+    """Per row (clean, counterfactual): inputs_mean [d] (all LM input tokens), visual_mean [d]
+    (LM input at visual tokens = the projector's output), layers_mean [n_layers, d] (mean over
+    visual tokens of each layer's output), vprime [128, d] fp16 (LM-input visual tokens
+    resized along the token axis by linear interpolation)."""
+    layers = torch.stack([reps[i] for i in range(vlm.n_layers)], dim=1)  # [2, n_layers, d]
+    vp = F.interpolate(reps["vprime"].float().transpose(1, 2), size=VPRIME_ROWS, mode="linear",
+                       align_corners=True).transpose(1, 2)
+    return [{"inputs_mean": reps["inputs_mean"][r].float().cpu(),
+             "visual_mean": reps["embed"][r].float().cpu(),
+             "layers_mean": layers[r].float().cpu(),
+             "vprime": vp[r].to(torch.float16).cpu()} for r in range(2)]
+
+
+def _effect(direction: str, patched: float, cf: float, clean: float) -> float | None:
+    if direction == "denoise":
+        return normalised_effect(patched, cf, clean)
+    total = clean - cf
+    return None if total == 0 else (clean - patched) / total
+
+
+# -- one sample ---------------------------------------------------------------------------------
+def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt: str,
+                 option_ids_: list[int], correct: int, token_slice: str = "visual",
+                 layers: list | None = None, direction: str = "denoise", swap_spans=None,
+                 batch_size: int = 8, dump: bool = False, question_id: str = ""):
+    """Trace every (counterfactual, layer, slice) condition of one sample.
+
+    Returns ``(records, representations)``: one record per condition (see the module doc), and
+    with ``dump=True`` ``{"clean": tensors, counterfactual name: tensors}``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    layers = ["embed", *range(vlm.n_layers)] if layers is None else layers
+    records, reps = [], {}
+    for name, cf in counterfactuals.items():
+        conds = conditions_for(layers, tracing_slices(token_slice, name, swap_spans))
+        pair = vlm.prepare(text=prompt, video=[clean, cf])
+        for k in range(0, len(conds), batch_size):
+            chunk = conds[k:k + batch_size]
+            want = dump and k == 0
+            scores, infos, rows = run_chunk(vlm, pair, chunk, option_ids_, correct, direction,
+                                            dump=want)
+            if want:
+                reps.setdefault("clean", rows[0])
+                reps[name] = rows[1]
+            clean_s, cf_s = scores[0], scores[1]
+            for j, c in enumerate(chunk):
+                records.append({
+                    "question_id": question_id, "counterfactual": name, "layer": c.layer,
+                    "token_slice": c.token_slice, "role": c.role, "direction": direction,
+                    **infos[c.token_slice].record(),
+                    "clean_score": clean_s, "counterfactual_score": cf_s,
+                    "patched_score": scores[2 + j],
+                    "effect": _effect(direction, scores[2 + j], cf_s, clean_s),
+                })
+    return records, reps
+
+
+def effect_grid(summary: dict, layers: list, counterfactuals: list[str], token_slice: str
+                ) -> np.ndarray:
+    """[layer, counterfactual] mean effects of one slice from `summarise` (NaN where none)."""
+    def cell(cf, layer):
+        value = summary.get(cf, {}).get(token_slice, {}).get(str(layer), {}).get("mean_effect")
+        return np.nan if value is None else value
+
+    return np.array([[cell(cf, layer) for cf in counterfactuals] for layer in layers], dtype=float)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean effect (and count) per counterfactual, token slice and layer, nulls skipped."""
+    acc: dict = {}
+    for r in records:
+        cell = acc.setdefault(r["counterfactual"], {}).setdefault(r["token_slice"], {}) \
+            .setdefault(str(r["layer"]), [])
+        if r["effect"] is not None:
+            cell.append(r["effect"])
+    return {cf: {sl: {layer: {"mean_effect": float(np.mean(v)) if v else None, "n": len(v)}
+                      for layer, v in by_layer.items()} for sl, by_layer in slices.items()}
+            for cf, slices in acc.items()}
+
+
+# -- plumbing shared by the video recipes -------------------------------------------------------
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def load_video_model(model_id: str, device: str | None = None):
+    """`vlminterp.load` for a video-capable model (default device: cuda if available). Tiny
+    offline models run single-threaded: with hidden size 64, intra-op threads cost more than
+    they save, and on a busy machine their spin-waiting made the demo ~20x slower."""
+    from . import load
+
+    if model_id.startswith("tiny-"):
+        torch.set_num_threads(1)
+    vlm = load(model_id, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if vlm.family.name not in VIDEO_FAMILIES:
+        raise ValueError(f"model_id {model_id!r} ({vlm.family.name}) does not take video; use a "
+                         f"Qwen2-VL / Qwen2.5-VL model")
+    return vlm
+
+
+def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):
+    """The recipe's dataset: ``annotations`` (+ ``video_root``, default: the annotations' folder's
+    ``videos/`` if present, else the folder), or ``synthetic`` N videos written to
+    ``out_dir/synthetic``. Raises ValueError naming the bad input."""
+    from pathlib import Path
+
+    from .data.synthetic import write_dataset
+    from .data.videoqa import VideoQADataset
+
+    if annotations is None:
+        if synthetic is None:
+            raise ValueError("give --annotations FILE (and --video_root DIR) or --synthetic N")
+        if synthetic < 1:
+            raise ValueError(f"--synthetic: expected a positive number of videos, got {synthetic}")
+        annotations = write_dataset(Path(out_dir) / "synthetic", synthetic, num_frames=num_frames)
+    annotations = Path(annotations)
+    if video_root is None:
+        video_root = annotations.parent / "videos"
+        video_root = video_root if video_root.is_dir() else annotations.parent
+    try:
+        return VideoQADataset(annotations, video_root, num_frames=num_frames)
+    except OSError as e:
+        raise ValueError(f"cannot read annotations {str(annotations)!r}: {e.strerror or e}") from None
+
+
+def run_resumable(samples, log_path, work, desc: str, retry_errors: bool = False):
+    """``work(sample) -> records`` for every sample not yet in the `ResultLog` at ``log_path``,
+    with a tqdm bar. A missing or unreadable video (or another per-sample ValueError) is logged as
+    that sample's error and the run goes on. Returns ``(records, errors)`` in dataset order."""
+    from tqdm import tqdm
+
+    from .data.video import VideoReadError
+    from .store import ResultLog
+
+    log = ResultLog(log_path, retry_errors=retry_errors)
+    todo = [s for s in samples if s.question_id not in log.done]
+    for s in tqdm(todo, desc=desc, unit="sample", total=len(samples),
+                  initial=len(samples) - len(todo)):
+        try:
+            records = work(s)
+        except (OSError, VideoReadError, ValueError) as e:
+            log.append_error(s.question_id, f"{type(e).__name__}: {e}")
+            continue
+        log.append(s.question_id, records)
+    order = {s.question_id: i for i, s in enumerate(samples)}
+    records = sorted(log.records(), key=lambda r: order.get(r["question_id"], len(order)))
+    errors = [{"question_id": q, "error": log.errors[q]} for q in sorted(
+        log.errors, key=lambda q: order.get(q, len(order)))]
+    return records, errors
