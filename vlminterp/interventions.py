@@ -30,6 +30,18 @@ def output_tensor(site) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def site_tensor(site, at: str = "output") -> Tensor:
+    """The tensor an intervention edits in place: the site's output, or (``at="input"``) its
+    first input. ``vlm.layers[0]`` with ``at="input"`` is the language model's input *after*
+    the visual features are merged in — ``vlm.embed``'s output is overwritten at the visual
+    positions, so editing it there does nothing."""
+    if at == "output":
+        return output_tensor(site)
+    if at == "input":
+        return site.input
+    raise ValueError(f"at {at!r}: expected 'output' or 'input'")
+
+
 def _index(positions) -> Tensor | slice:
     if positions is None:
         return slice(None)
@@ -52,26 +64,26 @@ def _cells(h: Tensor, rows: Tensor, pos) -> tuple:
 
 
 def cache(sites: Mapping[str, object] | Sequence[object], positions: Positions = None,
-          rows=None) -> dict:
+          rows=None, at: str = "output") -> dict:
     """Save the outputs of several sites (at ``positions`` of ``rows``). Sites must be given
     in execution order. Returns ``{name: saved tensor [rows, pos, d]}``; a sequence of sites
     is keyed by index."""
     items = sites.items() if isinstance(sites, Mapping) else enumerate(sites)
     saved = {}
     for name, site in items:
-        h = output_tensor(site)
+        h = site_tensor(site, at)
         idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
         saved[name] = h[idx].detach().clone()
     return nnsight.save(saved)
 
 
-def patch(site, positions: Positions, *, src_row: int, dst_rows, src_positions: Positions = None
-          ) -> None:
+def patch(site, positions: Positions, *, src_row: int, dst_rows, src_positions: Positions = None,
+          at: str = "output") -> None:
     """Copy the site's output at ``positions`` from batch row ``src_row`` into ``dst_rows``.
 
     Denoising patches clean -> counterfactual rows; noising does the reverse.
     ``src_positions`` (same length) reads from other positions of the source row."""
-    h = output_tensor(site)
+    h = site_tensor(site, at)
     pos = _index(positions)
     src_pos = pos if src_positions is None else _index(src_positions)
     dst = _rows(dst_rows, h.shape[0])
@@ -81,7 +93,7 @@ def patch(site, positions: Positions, *, src_row: int, dst_rows, src_positions: 
 
 def ablate(site, positions: Positions, kind: str = "zero", *,
            mean: Float[Tensor, "d"] | None = None, source_row: int | None = None,
-           rows=None) -> None:
+           rows=None, at: str = "output") -> None:
     """Replace the site's output at ``positions``: ``zero``; ``mean`` (a given mean vector,
     e.g. from `store.streaming_mean`); ``resample`` (the same positions of ``source_row``)."""
     if kind not in ("zero", "mean", "resample"):
@@ -91,9 +103,9 @@ def ablate(site, positions: Positions, kind: str = "zero", *,
     if kind == "resample":
         if source_row is None:
             raise ValueError("ablate kind 'resample' needs source_row=")
-        patch(site, positions, src_row=source_row, dst_rows=rows)
+        patch(site, positions, src_row=source_row, dst_rows=rows, at=at)
         return
-    h = output_tensor(site)
+    h = site_tensor(site, at)
     idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
     if kind == "zero":
         h[idx] = 0.0
@@ -102,33 +114,48 @@ def ablate(site, positions: Positions, kind: str = "zero", *,
 
 
 def add_vector(site, vector: Float[Tensor, "d"], positions: Positions = None,
-               alpha: float = 1.0, rows=None) -> None:
-    """Steering: add ``alpha * vector`` to the site's output at ``positions``."""
-    h = output_tensor(site)
+               alpha: float = 1.0, rows=None, at: str = "output") -> None:
+    """Steering: add ``alpha * vector`` to the site's output (or input) at ``positions``."""
+    h = site_tensor(site, at)
     idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
     h[idx] = h[idx] + alpha * vector.to(device=h.device, dtype=h.dtype)
 
 
 def knockout_attention(vlm, sources: Positions, targets: Positions, layers, rows=None) -> None:
-    """Block attention from ``sources`` (keys) to ``targets`` (queries) in ``layers``.
+    """Block attention from ``sources`` (keys) to ``targets`` (queries) in ``layers``, for
+    ``rows`` (default: every row).
 
     The attention mask that reaches each layer's ``self_attn`` is rebuilt as an additive
     float mask (causal + padding as the model had it) with the dtype's minimum at the blocked
     (query, key) entries, so the blocked weights are exactly 0 under eager and SDPA
     attention alike — writing ``False`` into a float mask would block nothing. Call it
     before reading anything from these layers in the same trace."""
+    if isinstance(sources, slice) or isinstance(targets, slice):
+        raise ValueError("knockout_attention: sources and targets must be explicit positions")
     src, tgt = _index(sources), _index(targets)
-    for layer in sorted(layers):
+    row_list = None if rows is None else ([rows] if isinstance(rows, int) else list(rows))
+    knockout_attention_rows(vlm, [(row_list, src, tgt, layers)])
+
+
+def knockout_attention_rows(vlm, blocks) -> None:
+    """Several knockouts in one forward: ``blocks`` is a list of ``(rows, sources, targets,
+    layers)``, each row of the batch its own condition (``rows`` an int, a list, or None for
+    every row). Each layer's mask is rebuilt once, in layer order."""
+    by_layer: dict[int, list] = {}
+    for rows, src, tgt, layers in blocks:
+        for layer in layers:
+            by_layer.setdefault(int(layer), []).append((rows, _index(src), _index(tgt)))
+    for layer in sorted(by_layer):
         attn = vlm.layers[layer].self_attn
         args, kwargs = attn.inputs
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         mask = additive_mask(kwargs.get("attention_mask"), hidden)
-        b = _rows(rows, mask.shape[0]).to(mask.device)
-        if isinstance(src, slice) or isinstance(tgt, slice):
-            raise ValueError("knockout_attention: sources and targets must be explicit positions")
-        if len(src) and len(tgt):
-            mask[b[:, None, None], 0, tgt.to(mask.device)[None, :, None],
-                 src.to(mask.device)[None, None, :]] = torch.finfo(mask.dtype).min
+        lowest = torch.finfo(mask.dtype).min
+        for rows, src, tgt in by_layer[layer]:
+            if len(src) and len(tgt):
+                b = _rows(rows, mask.shape[0]).to(mask.device)
+                mask[b[:, None, None], 0, tgt.to(mask.device)[None, :, None],
+                     src.to(mask.device)[None, None, :]] = lowest
         attn.inputs = (args, {**kwargs, "attention_mask": mask})
 
 

@@ -6,8 +6,8 @@ import torch
 from conftest import clean_and_counterfactual, random_image, random_video, tiny
 
 import vlminterp
-from vlminterp.interventions import (ablate, add_vector, cache, knockout_attention, logit_lens,
-                                     patch)
+from vlminterp.interventions import (ablate, add_vector, cache, knockout_attention,
+                                     knockout_attention_rows, logit_lens, patch)
 
 
 def test_standard_names_are_the_hf_modules(hf_vlm):
@@ -267,3 +267,47 @@ def test_save_pretrained_dir_loads_through_the_real_path(tmp_path, model_id):
     inputs = clean_and_counterfactual(vlm)
     torch.testing.assert_close(again.forward(inputs.to("cpu")), vlm.forward(inputs), atol=1e-5,
                                rtol=0)
+
+
+def test_ablate_at_lm_input_hits_the_merged_visual_tokens(hf_vlm):
+    """The LM input (layers[0]'s input) holds the projector's visual features; the embed
+    output does not, so an edit there would be overwritten."""
+    inputs = clean_and_counterfactual(hf_vlm)
+    pos = hf_vlm.layout(inputs)[0].visual[:4]
+    layer0 = hf_vlm.torch_model.model.language_model.layers[0]
+
+    def pre_hook(module, args, kwargs):
+        h = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+        h[0, pos] = 0.0
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": h}
+        return (h, *args[1:]), kwargs
+
+    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        ref = hf_vlm.forward(inputs)
+    finally:
+        handle.remove()
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        ablate(hf_vlm.layers[0], pos, "zero", rows=[0], at="input")
+        logits = hf_vlm.lm_head.output.save()
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        ablate(hf_vlm.embed, pos, "zero", rows=[0])
+        untouched = hf_vlm.lm_head.output.save()
+    torch.testing.assert_close(untouched, hf_vlm.forward(inputs), atol=1e-5, rtol=0)
+
+
+def test_knockout_rows_gives_each_row_its_own_condition(hf_vlm):
+    inputs = clean_and_counterfactual(hf_vlm)
+    lay = hf_vlm.layout(inputs)
+    src, last = lay[0].visual, torch.tensor([lay[0].last])
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        knockout_attention_rows(hf_vlm, [(0, src, last, range(hf_vlm.n_layers))])
+        both = hf_vlm.lm_head.output[:, -1].save()
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        knockout_attention(hf_vlm, src, last, range(hf_vlm.n_layers), rows=[0])
+        single = hf_vlm.lm_head.output[:, -1].save()
+    torch.testing.assert_close(both, single, atol=0, rtol=0)
+    torch.testing.assert_close(both[1], hf_vlm.forward(inputs)[1, -1], atol=1e-5, rtol=0)
+    assert (both[0] - hf_vlm.forward(inputs)[0, -1]).abs().max() > 1e-4
