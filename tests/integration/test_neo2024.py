@@ -7,6 +7,7 @@ from conftest import random_image, tiny
 from vlminterp import neo2024 as neo
 from vlminterp.data.coco import read_coco
 from vlminterp.data.synthetic_images import write_dataset
+from vlminterp.interventions import knockout_attention_rows
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +273,7 @@ def test_knocked_out_weights_are_exactly_zero(llava, data):
     probs = []
     with torch.no_grad(), llava.trace(inputs):
         for i in range(4):  # in execution order: edit layer i's mask, then read its weights
-            neo.knockout_rows(llava, [(0, src, tgt, [i] if i in (0, 3) else [])])
+            knockout_attention_rows(llava, [(0, src, tgt, [i] if i in (0, 3) else [])])
             probs.append(llava.layers[i].self_attn.output[1].save())
     for i in (0, 3):
         assert probs[i][0][:, tgt[:, None], src[None, :]].abs().max().item() == 0.0

@@ -1,0 +1,53 @@
+"""Neo et al. 2024 (arXiv 2410.07149): what the three ``recipes.neo2024_*`` programs share.
+
+"Towards Interpreting Visual Information Processing in Vision-Language Models" asks where
+LLaVA keeps object information: mean-ablating the visual tokens at the object's place in the
+LM input breaks identification; the logit lens shows visual tokens turning into words of the
+object late in the LM; blocking attention from object tokens to the last position in middle
+to late layers hurts the answer. Everything here speaks standard names and layouts, so it runs
+on LLaVA-1.5 and Qwen2-VL alike.
+
+- `prompts`: the tasks, ``USER: <image>\\n{question} ASSISTANT: It is a`` on LLaVA (the
+  family's chat template + the same answer prefix elsewhere), and `score`: one forward, argmax
+  at the last position, correct when the object's first token (as it follows the prompt)
+  starts with the decoded argmax token.
+- `subsets`: token subsets as indices into the row's visual tokens (``layout.visual``), so one
+  subset serves prompts of any length; integrated gradients at the LM input.
+- `ablation`: mean ablation at the LM input (what ``vlm.layers[0]`` reads, the projected image
+  features merged in) with `vlminterp.interventions.ablate`.
+- `knockout`: attention knockout per batch row with
+  `vlminterp.interventions.knockout_attention_rows`.
+- `lens`: the logit lens at every layer and position, heatmaps and the HTML view.
+- `summaries`: per-condition rates and means with bootstrap intervals, and plots.
+- `cli`: the recipes' shared flags, data loading and resumable per-image loop.
+"""
+
+from vlminterp.neo2024.ablation import (ablated_generate, ablated_logits, dataset_mean,
+                                        lm_input_visual, object_ablation, run_task)
+from vlminterp.neo2024.cli import (add_common_args, add_questions_arg, check_args, load_model,
+                                   load_samples, run_info, run_samples)
+from vlminterp.neo2024.knockout import (attention_knockout, knockout_logits, knockout_sets,
+                                        layer_groups, sliding_windows)
+from vlminterp.neo2024.lens import (lens_figures, lens_image, lens_view, logit_lens_topk,
+                                    word_token_ids, write_lens_html)
+from vlminterp.neo2024.prompts import (ANSWER_PREFIX, TASKS, Task, continuation_id,
+                                       first_token_match, load_questions, names_object,
+                                       prompt_inputs, prompt_text, question_for, score,
+                                       task_inputs, token_text, vqa_task)
+from vlminterp.neo2024.subsets import (integrated_gradients, object_indices, random_indices,
+                                       register_indices, subset_sizes, top_indices)
+from vlminterp.neo2024.summaries import (mean_ci, plot_ablation, plot_knockout, plot_lens, rate,
+                                         summarize_ablation, summarize_knockout, summarize_lens)
+
+__all__ = [
+    "ANSWER_PREFIX", "TASKS", "Task", "ablated_generate", "ablated_logits", "add_common_args",
+    "add_questions_arg", "attention_knockout", "check_args", "continuation_id", "dataset_mean",
+    "first_token_match", "integrated_gradients", "knockout_logits", "knockout_sets",
+    "layer_groups", "lens_figures", "lens_image", "lens_view", "lm_input_visual", "load_model",
+    "load_questions", "load_samples", "logit_lens_topk", "mean_ci", "names_object",
+    "object_ablation", "object_indices", "plot_ablation", "plot_knockout", "plot_lens",
+    "prompt_inputs", "prompt_text", "question_for", "random_indices", "rate", "register_indices",
+    "run_info", "run_samples", "run_task", "score", "sliding_windows", "subset_sizes",
+    "summarize_ablation", "summarize_knockout", "summarize_lens", "task_inputs", "token_text",
+    "top_indices", "vqa_task", "word_token_ids", "write_lens_html",
+]

@@ -1,0 +1,151 @@
+"""Experiment 1: mean-ablate token subsets of the LM input and score the answer.
+
+The LM input is what ``vlm.layers[0]`` reads: the text embeddings with the projected image
+features already merged in (``vlm.embed``'s output does not hold them yet on LLaVA/Qwen).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from vlminterp.data.coco import CocoObjects, ObjectSample
+from vlminterp.interventions import ablate
+from vlminterp.models.base import ModelInputs
+from vlminterp.neo2024.prompts import (TASKS, Task, last_logits, names_object, prompt_inputs,
+                                       repeat_inputs, score, task_inputs, vqa_task)
+from vlminterp.neo2024.subsets import (integrated_gradients, object_indices, random_indices,
+                                       register_indices, subset_sizes, top_indices)
+
+
+def lm_input_visual(vlm, inputs: ModelInputs, row: int = 0) -> Float[Tensor, "n d"]:
+    """The visual tokens of ``row`` as layer 0 reads them (projected features, merged)."""
+    pos = vlm.layout(inputs)[row].visual
+    with torch.no_grad(), vlm.trace(inputs) as tracer:
+        visual = vlm.layers[0].input[row, pos.to(vlm.device)].detach().clone().save()
+        tracer.stop()
+    return visual.float().cpu()
+
+
+def dataset_mean(vlm, coco: CocoObjects, samples, store_dir: Path, progress: bool = True
+                 ) -> Float[Tensor, "d"]:
+    """Mean visual token at the LM input over the dataset's images (the ablation vector and
+    the integrated-gradients baseline). Each image's mean is kept in an `ActivationStore`
+    under ``store_dir`` (reruns reuse it); the result is `streaming_mean` over images — the
+    token mean when every image has the same token count, as on LLaVA."""
+    from tqdm import tqdm
+
+    from vlminterp.store import ActivationStore, streaming_mean
+
+    store = ActivationStore(store_dir)
+    todo = {f"image:{s.image_id}": s for s in samples}
+    todo = {k: s for k, s in todo.items() if k not in store}
+    for key, s in tqdm(todo.items(), desc="mean vector", disable=not progress):
+        inputs = prompt_inputs(vlm, [coco.load_image(s)], TASKS["generative"].question)
+        visual = lm_input_visual(vlm, inputs)
+        store.put(key, {"mean": visual.mean(0)}, meta={"n_visual": len(visual)})
+    return streaming_mean(store, "mean")
+
+
+def _ablate_rows(vlm, positions_per_row, mean: Float[Tensor, "d"]) -> None:
+    """Inside a trace: `ablate` each row's positions (sequence positions, or None) of the LM
+    input with ``mean``."""
+    for row, pos in enumerate(positions_per_row):
+        if pos is not None and len(pos):
+            ablate(vlm.layers[0], pos, "mean", mean=mean, rows=[row], at="input")
+
+
+def ablated_logits(vlm, inputs: ModelInputs, positions_per_row, mean: Float[Tensor, "d"],
+                   batch_size: int = 16) -> Float[Tensor, "rows vocab"]:
+    """Last-position logits of the single-row ``inputs`` once per entry of
+    ``positions_per_row`` (None = unablated), ``batch_size`` rows per traced forward."""
+    return last_logits(vlm, inputs, positions_per_row,
+                       lambda vlm, chunk: _ablate_rows(vlm, chunk, mean), batch_size)
+
+
+def ablated_generate(vlm, inputs: ModelInputs, positions_per_row, mean: Float[Tensor, "d"],
+                     max_new_tokens: int = 40, batch_size: int = 16) -> list[str]:
+    """Greedy continuations, one per entry of ``positions_per_row``; the ablation applies to
+    the prompt's forward (later steps read the image only through the KV cache)."""
+    texts = []
+    n_prompt = inputs["input_ids"].shape[1]
+    for start in range(0, len(positions_per_row), batch_size):
+        chunk = positions_per_row[start:start + batch_size]
+        with torch.no_grad(), vlm.model.generate(**dict(repeat_inputs(inputs, len(chunk))),
+                                                 max_new_tokens=max_new_tokens,
+                                                 do_sample=False) as tracer:
+            _ablate_rows(vlm, chunk, mean)
+            ids = tracer.result.save()
+        texts += vlm.tokenizer.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)
+    return texts
+
+
+def run_task(vlm, task: Task, inputs: ModelInputs, answer_id: int, category: str,
+             positions_per_row, mean: Float[Tensor, "d"], *, max_new_tokens: int = 40,
+             batch_size: int = 16) -> list[dict]:
+    """One result per entry of ``positions_per_row`` (None = unablated): the first-token
+    answer for vqa/polling, the greedy description for the generative task."""
+    if task.generate:
+        texts = ablated_generate(vlm, inputs, positions_per_row, mean, max_new_tokens, batch_size)
+        return [{"text": t, "correct": names_object(t, category)} for t in texts]
+    return score(vlm, ablated_logits(vlm, inputs, positions_per_row, mean, batch_size), answer_id)
+
+
+def _subsets(vlm, image, sample: ObjectSample, first: ModelInputs, mean: Float[Tensor, "d"],
+             object_sets: dict, *, sizes, ig_steps: int, ig_batch_size: int, seed: int) -> dict:
+    """Every subset to ablate besides the object's cells: register tokens, then random n and
+    integrated-gradients top n (polling prompt, "Yes") for each size."""
+    n_visual = len(vlm.layout(first)[0].visual)
+    subsets = dict(object_sets)
+    subsets["register"] = register_indices(lm_input_visual(vlm, first))
+    sizes = subset_sizes(sizes, n_visual, len(object_sets["object_b1"]))
+    for name, n in sizes.items():
+        subsets[f"random_{name}"] = random_indices(n_visual, n, sample.key, seed)
+    poll, _, yes = task_inputs(vlm, image, TASKS["polling"], sample.category)
+    scores = integrated_gradients(vlm, poll, yes, mean, ig_steps, ig_batch_size).abs().sum(-1)
+    for name, n in sizes.items():
+        subsets[f"ig_{name}"] = top_indices(scores, n)
+    return subsets
+
+
+def object_ablation(vlm, image, sample: ObjectSample, mean: Float[Tensor, "d"], *,
+                    tasks=("vqa", "polling", "generative"), sizes=(5, 10, 20, 40, 60, 100, 250),
+                    ig_steps: int = 50, ig_batch_size: int = 4, max_new_tokens: int = 40,
+                    batch_size: int = 16, seed: int = 0, keep_all: bool = False,
+                    use_polygons: bool = True,
+                    question: str | None = None) -> list[dict]:
+    """Mean-ablate token subsets of one image at the LM input, under each task; one record
+    per (task, condition). Subsets: object cells with buffer 0/1/2, register tokens, random n
+    and integrated-gradients top n for each size and n = the buffer-1 object set's size.
+    ``question`` replaces the vqa task's generic question (the original asked per-image ones)."""
+    prepared = {t: task_inputs(vlm, image, vqa_task(question) if t == "vqa" else TASKS[t],
+                               sample.category) for t in tasks}
+    base = {t: run_task(vlm, TASKS[t], p[0], p[2], sample.category, [None], mean,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
+            for t, p in prepared.items()}
+    records = [{"task": t, "condition": "baseline", "n_tokens": 0, **base[t],
+                "baseline_correct": base[t]["correct"]} for t in tasks]
+    kept = [t for t in tasks if keep_all or base[t]["correct"]]
+    first = prepared[tasks[0]][0]
+    span = vlm.layout(first)[0].images[0]
+    objects = {f"object_b{b}": object_indices(span, sample, b, use_polygons) for b in (0, 1, 2)}
+    if not kept or not len(objects["object_b0"]):
+        reason = "object outside the model's view" if kept else "baseline incorrect"
+        return [{**r, "skipped": reason} for r in records]
+    subsets = _subsets(vlm, image, sample, first, mean, objects, sizes=sizes, ig_steps=ig_steps,
+                       ig_batch_size=ig_batch_size, seed=seed)
+    for t in kept:
+        inputs, _, answer_id = prepared[t]
+        visual = vlm.layout(inputs)[0].visual
+        results = run_task(vlm, TASKS[t], inputs, answer_id, sample.category,
+                           [visual[idx] for idx in subsets.values()], mean,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for (name, idx), res in zip(subsets.items(), results):
+            changed = res.get("token", res.get("text")) != base[t].get("token", base[t].get("text"))
+            records.append({"task": t, "condition": name, "n_tokens": len(idx), **res,
+                            "baseline_correct": base[t]["correct"], "changed": changed,
+                            "indices": idx.tolist()})
+    return records

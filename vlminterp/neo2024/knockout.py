@@ -1,0 +1,102 @@
+"""Experiment 3: block attention from visual sources (keys) to target positions (queries) over
+layer groups and sliding windows, and score the vqa answer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from vlminterp.data.coco import ObjectSample
+from vlminterp.interventions import knockout_attention_rows
+from vlminterp.models.base import ModelInputs
+from vlminterp.neo2024.prompts import last_logits, score, task_inputs, vqa_task
+from vlminterp.neo2024.subsets import object_indices
+
+LAYER_GROUPS_32 = {"early": (0, 10), "mid": (11, 21), "late": (21, 32), "early_mid": (5, 15),
+                   "mid_late": (15, 25), "all": (0, 32)}  # half-open, on LLaVA-1.5's 32 layers
+
+
+def layer_groups(n_layers: int) -> dict[str, list[int]]:
+    """The original's groups on 32 layers (early 0–9, mid 11–20, late 21–31, early_mid 5–14,
+    mid_late 15–24, all), scaled to ``n_layers``; each keeps at least one layer."""
+    out = {}
+    for name, (a, b) in LAYER_GROUPS_32.items():
+        lo = min(int(math.floor(a * n_layers / 32 + 0.5)), n_layers - 1)
+        hi = min(max(int(math.floor(b * n_layers / 32 + 0.5)), lo + 1), n_layers)
+        out[name] = list(range(lo, hi))
+    return out
+
+
+def sliding_windows(n_layers: int, k: int) -> dict[str, list[int]]:
+    """Windows of ``k`` consecutive layers, ``window_<start>``."""
+    k = max(1, min(k, n_layers))
+    return {f"window_{s}": list(range(s, s + k)) for s in range(n_layers - k + 1)}
+
+
+def knockout_sets(row, object_pos: dict[int, Tensor]) -> tuple[dict, dict]:
+    """Sources (keys) and targets (queries) of the knockout experiment, as sequence positions:
+    sources obj_b0/obj_b1/obj_b2 (object cells with buffer), image_minus_obj_b1, visual;
+    targets last, last_row (the image's bottom row of tokens), text (text positions after the
+    image, the last excluded)."""
+    visual = row.visual
+    span = row.images[0]
+    keep = ~torch.isin(visual, object_pos[1])
+    sources = {f"obj_b{b}": object_pos[b] for b in (0, 1, 2)}
+    sources["image_minus_obj_b1"] = visual[keep]
+    sources["visual"] = visual
+    text_after = row.text[(row.text > visual.max()) & (row.text != row.last)]
+    targets = {"last": torch.tensor([row.last]), "last_row": span.positions[-span.grid[1]:],
+               "text": text_after}
+    return sources, targets
+
+
+def _knockout_rows(vlm, chunk) -> None:
+    """Inside a trace: batch row ``i`` gets the knockout ``chunk[i]`` (None = none)."""
+    knockout_attention_rows(vlm, [(row, *c) for row, c in enumerate(chunk) if c is not None])
+
+
+def knockout_logits(vlm, inputs: ModelInputs, conditions, batch_size: int = 16
+                    ) -> Float[Tensor, "rows vocab"]:
+    """Last-position logits of the single-row ``inputs`` once per ``(sources, targets,
+    layers)`` condition (None = no knockout), ``batch_size`` rows per traced forward."""
+    return last_logits(vlm, inputs, conditions, _knockout_rows, batch_size)
+
+
+def attention_knockout(vlm, image, sample: ObjectSample, *, window: int | None = None,
+                       groups: bool = True, sources=None, targets=None, batch_size: int = 16,
+                       keep_all: bool = False, use_polygons: bool = True,
+                       question: str | None = None) -> list[dict]:
+    """Knock out attention source -> target over layer groups and sliding windows of
+    ``window`` layers (default: 9 of 32, scaled) under the vqa prompt; one record per
+    (source, target, layers) plus the baseline."""
+    task = vqa_task(question)
+    inputs, _, answer_id = task_inputs(vlm, image, task, sample.category)
+    base = score(vlm, knockout_logits(vlm, inputs, [None]), answer_id)[0]
+    records = [{"source": None, "target": None, "layers": "baseline", "layer_list": [], **base,
+                "delta_p": 0.0, "baseline_correct": base["correct"]}]
+    row = vlm.layout(inputs)[0]
+    span = row.images[0]
+    obj = {b: span.positions[object_indices(span, sample, b, use_polygons)] for b in (0, 1, 2)}
+    if not (keep_all or base["correct"]) or not len(obj[0]):
+        reason = "object outside the model's view" if len(obj[0]) else "baseline incorrect"
+        return [{**records[0], "skipped": reason}]
+    src_sets, tgt_sets = knockout_sets(row, obj)
+    n = vlm.n_layers
+    layer_sets = dict(layer_groups(n)) if groups else {}
+    layer_sets.update(sliding_windows(n, window or max(1, int(math.floor(9 * n / 32 + 0.5)))))
+    conds = [(s, t, name) for s in (sources or src_sets) for t in (targets or tgt_sets)
+             for name in layer_sets]
+    masks = []
+    for s, t, name in conds:
+        src, tgt = src_sets[s], tgt_sets[t]
+        masks.append((src[~torch.isin(src, tgt)], tgt, layer_sets[name]))
+    results = score(vlm, knockout_logits(vlm, inputs, masks, batch_size), answer_id)
+    for (s, t, name), (src, tgt, layers), res in zip(conds, masks, results):
+        records.append({"source": s, "target": t, "layers": name, "layer_list": layers, **res,
+                        "n_sources": len(src), "n_targets": len(tgt),
+                        "delta_p": res["p_correct"] - base["p_correct"],
+                        "baseline_correct": base["correct"]})
+    return records
