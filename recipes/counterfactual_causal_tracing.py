@@ -18,7 +18,10 @@ from pathlib import Path
 
 from vlminterp import causal_tracing as ct
 from vlminterp.counterfactuals import make_counterfactuals
+from vlminterp.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
+from vlminterp.recipe_utils import (check_frame_args, load_video_model, open_video_dataset,
+                                    run_resumable)
 from vlminterp.store import ActivationStore, write_json_atomic
 
 
@@ -61,12 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        sl, spans = ct.check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
+        sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
         if args.batch_size < 1 or args.num_frames < 1:
             raise ValueError("--batch_size and --num_frames must be positive")
-        data = ct.open_video_dataset(args.annotations, args.video_root, args.synthetic,
-                                     args.output.parent, args.num_frames)
-        vlm = ct.load_video_model(args.model_id, args.device)
+        data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
+                                  args.output.parent, args.num_frames)
+        vlm = load_video_model(args.model_id, args.device)
         layers = ct.parse_layers(args.layers, vlm.n_layers)
     except ValueError as e:
         parser.error(str(e))
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         clean = data.load_frames(s)
         records, reps = ct.trace_sample(
             vlm, clean, make_counterfactuals(clean, names, swap_spans=spans),
-            ct.mc_prompt(s.question, s.candidates), ct.option_ids(vlm, len(s.candidates)),
+            mc_prompt(s.question, s.candidates), option_ids(vlm, len(s.candidates)),
             s.answer_index, token_slice=str(sl), layers=layers, direction=args.direction,
             swap_spans=spans, batch_size=args.batch_size, dump=store is not None,
             question_id=s.question_id)
@@ -91,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "task_name": s.task_name, "answer": s.answer, **s.extra})
         return records
 
-    records, errors = ct.run_resumable(list(data), args.output.with_suffix(".jsonl"), trace,
-                                       "tracing", args.retry_errors)
+    records, errors = run_resumable(list(data), args.output.with_suffix(".jsonl"), trace,
+                                    "tracing", args.retry_errors)
     summary = ct.summarise(records)
     png = args.output.with_name(args.output.stem + "_heatmap.png")
     heatmap(ct.effect_grid(summary, layers, names, str(sl)), png, row_labels=[str(x) for x in layers],

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlminterp.causal_tracing import (candidate_logprobs, load_video_model, mc_prompt,
-                                      open_video_dataset, option_ids, option_scores,
-                                      run_resumable)
+from vlminterp.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
+from vlminterp.recipe_utils import load_video_model, open_video_dataset, run_resumable
 from vlminterp.store import write_json_atomic
 
 

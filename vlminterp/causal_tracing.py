@@ -25,23 +25,20 @@ the record says which groups and frames were really patched.
 
 from __future__ import annotations
 
-import inspect
-import string
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int, UInt8
+from jaxtyping import Int
 from torch import Tensor
 
-from .counterfactuals import check_span, parse_swap_spans
-from .metrics import option_margin, normalised_effect
+from .interventions import patch, site_tensor
+from .metrics import normalised_effect, option_margin
+from .multiple_choice import Frames, last_logits_kwargs
 from .tokens import TokenSlice
 
-LETTERS = string.ascii_uppercase
 VPRIME_ROWS = 128
-Frames = UInt8[np.ndarray, "t h w 3"]
 DIRECTIONS = ("denoise", "noise")
 EFFECT_DOC = {
     "denoise": "(patched - counterfactual) / (clean - counterfactual): clean activations patched "
@@ -49,51 +46,6 @@ EFFECT_DOC = {
     "noise": "(clean - patched) / (clean - counterfactual): counterfactual activations patched "
              "into the clean run; 1 = they reproduce the whole drop; null when equal",
 }
-
-
-# -- the multiple-choice question ---------------------------------------------------------------
-def mc_prompt(question: str, candidates: list[str]) -> str:
-    """The original study's prompt: ``"{question}\\nOptions:\\nA. ...\\nB. ...\\nAnswer:"``."""
-    if len(candidates) > len(LETTERS):
-        raise ValueError(f"{len(candidates)} candidates: at most {len(LETTERS)} option letters")
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(candidates))
-    return f"{question}\nOptions:\n{options}\nAnswer:"
-
-
-def option_ids(vlm, n: int, chat: bool = True) -> list[int]:
-    """Token ids of the option letters as the model would emit them. Under the chat template
-    the reply starts right after the generation prompt (``...assistant\\n``), so the letter is
-    a line-initial ``"A"``; a plain prompt ending in ``"Answer:"`` continues with ``" A"``."""
-    ids = [vlm.token_id(letter if chat else " " + letter) for letter in LETTERS[:n]]
-    if len(set(ids)) != n:
-        raise ValueError(f"option letters {list(LETTERS[:n])} do not map to distinct tokens: {ids}")
-    return ids
-
-
-def option_scores(vlm, frames: Frames, prompt: str, ids: list[int]) -> list[float]:
-    """The option letters' logits at the last position of one clip's chat prompt."""
-    inputs = vlm.prepare(text=prompt, video=[frames])
-    keep = _trace_kwargs(vlm)
-    at = -1 if keep else vlm.layout(inputs)[0].last
-    with torch.no_grad(), vlm.trace(inputs, **keep):
-        logits = vlm.lm_head.output[0, at].save()
-    return logits[list(ids)].float().tolist()
-
-
-def candidate_logprobs(vlm, frames: Frames, prompt: str, candidates: list[str]) -> list[float]:
-    """Summed log-probability of each full candidate text as the assistant's reply (one plain
-    forward per candidate, teacher-forced after the chat prompt)."""
-    prompt_ids = vlm.prepare(text=prompt, video=[frames])["input_ids"][0]
-    out = []
-    for cand in candidates:
-        inputs = vlm.prepare(text=prompt, video=[frames], answer_prefix=cand)
-        ids = inputs["input_ids"][0]
-        n = len(prompt_ids)
-        if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
-            raise ValueError(f"candidate {cand!r} does not tokenize as a continuation of the prompt")
-        logp = torch.log_softmax(vlm.forward(inputs)[0].float(), dim=-1)
-        out.append(float(logp[torch.arange(n - 1, len(ids) - 1), ids[n:]].sum()))
-    return out
 
 
 # -- what to patch ------------------------------------------------------------------------------
@@ -127,21 +79,13 @@ def parse_layers(spec: str, n_layers: int) -> list:
     return sorted(out, key=_layer_order)
 
 
-def check_frame_args(token_slice: str, swap_spans: str, num_frames: int):
-    """Validate the recipe's --token_slice and --swap_spans ('none' = no local_swap) against
-    ``num_frames`` before any work; returns ``(TokenSlice, spans or None)``."""
-    spans = None if swap_spans == "none" else parse_swap_spans(swap_spans)
-    for span in spans or ():
-        check_span(span, num_frames, f"--swap_spans {swap_spans!r}")
-    sl = TokenSlice.parse(token_slice)
-    if sl.kind == "visual_frames" and sl.stop > num_frames:
-        raise ValueError(f"--token_slice {token_slice!r} is beyond the video's {num_frames} "
-                         f"frames (--num_frames)")
-    return sl, spans
-
-
 def _layer_order(layer) -> int:
     return -1 if layer == "embed" else int(layer)
+
+
+def _site(vlm, layer) -> tuple:
+    """``(site, at)`` of a layer condition for `patch`: "embed" is ``layers[0]``'s input."""
+    return (vlm.layers[0], "input") if layer == "embed" else (vlm.layers[layer], "output")
 
 
 def _frames_spec(spans) -> str:
@@ -225,13 +169,6 @@ def conditions_for(layers: list, slices: list[tuple[str, str]]) -> list[Conditio
     return [Condition(layer, role, spec) for layer in layers for role, spec in slices]
 
 
-def _trace_kwargs(vlm) -> dict:
-    """Only the last position's logits are needed (skip the [B, seq, vocab] projection), and
-    no key/value cache."""
-    params = inspect.signature(vlm.torch_model.forward).parameters
-    return {k: v for k, v in (("logits_to_keep", 1), ("use_cache", False)) if k in params}
-
-
 _GRIDS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
 
 
@@ -278,25 +215,25 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     lay = vlm.layout(inputs)
     _check_rows_align(lay)
     infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}
-    by_layer: dict = {}
+    rows: dict = {}  # layer -> token slice -> the batch rows that patch it
     for j, c in enumerate(chunk):
-        by_layer.setdefault(c.layer, []).append((2 + j, infos[c.token_slice].positions))
-    visual, last = lay[0].visual, lay[0].last
-    real = torch.nonzero(inputs["attention_mask"][0].cpu()).flatten()
-    layers = sorted(set(by_layer) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
+        rows.setdefault(c.layer, {}).setdefault(c.token_slice, []).append(2 + j)
+    layers = sorted(set(rows) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
                     key=_layer_order)
-    reps, keep = {}, _trace_kwargs(vlm)
-    at = -1 if keep else last
+    real = torch.nonzero(inputs["attention_mask"][0].cpu()).flatten()
+    reps, keep = {}, last_logits_kwargs(vlm)
+    at = -1 if keep else lay[0].last
     with torch.no_grad(), vlm.trace(inputs, **keep):
         for layer in layers:
-            h = vlm.layers[0].input if layer == "embed" else vlm.layers[layer].output
-            for row, pos in by_layer.get(layer, []):
-                h[row, pos] = h[src, pos]
+            site, side = _site(vlm, layer)
+            for spec, dst_rows in rows.get(layer, {}).items():
+                patch(site, infos[spec].positions, src_row=src, dst_rows=dst_rows, at=side)
             if dump:
-                reps[layer] = h[0:2, visual].mean(1).save()
+                h = site_tensor(site, side)
+                reps[layer] = h[0:2, lay[0].visual].mean(1).save()
                 if layer == "embed":
                     reps["inputs_mean"] = h[0:2, real].mean(1).save()
-                    reps["vprime"] = h[0:2, visual].save()
+                    reps["vprime"] = h[0:2, lay[0].visual].save()
         logits = vlm.lm_head.output[:, at].save()
     scores = option_margin(logits.float(), option_ids_, correct).tolist()
     return scores, infos, (_representations(vlm, reps) if dump else None)
@@ -317,10 +254,11 @@ def _representations(vlm, reps: dict) -> list[dict[str, Tensor]]:
 
 
 def _effect(direction: str, patched: float, cf: float, clean: float) -> float | None:
+    """Denoise: (patched - cf) / (clean - cf); noise: (clean - patched) / (clean - cf), which
+    is `normalised_effect` with the clean run as the corrupt one."""
     if direction == "denoise":
         return normalised_effect(patched, cf, clean)
-    total = clean - cf
-    return None if total == 0 else (clean - patched) / total
+    return normalised_effect(patched, clean, cf)
 
 
 # -- one sample ---------------------------------------------------------------------------------
@@ -381,73 +319,3 @@ def summarise(records: list[dict]) -> dict:
     return {cf: {sl: {layer: {"mean_effect": float(np.mean(v)) if v else None, "n": len(v)}
                       for layer, v in by_layer.items()} for sl, by_layer in slices.items()}
             for cf, slices in acc.items()}
-
-
-# -- plumbing shared by the video recipes -------------------------------------------------------
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def load_video_model(model_id: str, device: str | None = None):
-    """`vlminterp.load` for a video-capable model (default device: cuda if available). Tiny
-    offline models run single-threaded: with hidden size 64, intra-op threads cost more than
-    they save, and on a busy machine their spin-waiting made the demo ~20x slower."""
-    from . import load
-
-    if model_id.startswith("tiny-"):
-        torch.set_num_threads(1)
-    vlm = load(model_id, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if vlm.family.name not in VIDEO_FAMILIES:
-        raise ValueError(f"model_id {model_id!r} ({vlm.family.name}) does not take video; use a "
-                         f"Qwen2-VL / Qwen2.5-VL model")
-    return vlm
-
-
-def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):
-    """The recipe's dataset: ``annotations`` (+ ``video_root``, default: the annotations' folder's
-    ``videos/`` if present, else the folder), or ``synthetic`` N videos written to
-    ``out_dir/synthetic``. Raises ValueError naming the bad input."""
-    from pathlib import Path
-
-    from .data.synthetic import write_dataset
-    from .data.videoqa import VideoQADataset
-
-    if annotations is None:
-        if synthetic is None:
-            raise ValueError("give --annotations FILE (and --video_root DIR) or --synthetic N")
-        if synthetic < 1:
-            raise ValueError(f"--synthetic: expected a positive number of videos, got {synthetic}")
-        annotations = write_dataset(Path(out_dir) / "synthetic", synthetic, num_frames=num_frames)
-    annotations = Path(annotations)
-    if video_root is None:
-        video_root = annotations.parent / "videos"
-        video_root = video_root if video_root.is_dir() else annotations.parent
-    try:
-        return VideoQADataset(annotations, video_root, num_frames=num_frames)
-    except OSError as e:
-        raise ValueError(f"cannot read annotations {str(annotations)!r}: {e.strerror or e}") from None
-
-
-def run_resumable(samples, log_path, work, desc: str, retry_errors: bool = False):
-    """``work(sample) -> records`` for every sample not yet in the `ResultLog` at ``log_path``,
-    with a tqdm bar. A missing or unreadable video (or another per-sample ValueError) is logged as
-    that sample's error and the run goes on. Returns ``(records, errors)`` in dataset order."""
-    from tqdm import tqdm
-
-    from .data.video import VideoReadError
-    from .store import ResultLog
-
-    log = ResultLog(log_path, retry_errors=retry_errors)
-    todo = [s for s in samples if s.question_id not in log.done]
-    for s in tqdm(todo, desc=desc, unit="sample", total=len(samples),
-                  initial=len(samples) - len(todo)):
-        try:
-            records = work(s)
-        except (OSError, VideoReadError, ValueError) as e:
-            log.append_error(s.question_id, f"{type(e).__name__}: {e}")
-            continue
-        log.append(s.question_id, records)
-    order = {s.question_id: i for i, s in enumerate(samples)}
-    records = sorted(log.records(), key=lambda r: order.get(r["question_id"], len(order)))
-    errors = [{"question_id": q, "error": log.errors[q]} for q in sorted(
-        log.errors, key=lambda q: order.get(q, len(order)))]
-    return records, errors

@@ -22,6 +22,7 @@ from vlminterp import causal_tracing as ct
 from vlminterp.data.synthetic import write_dataset
 from vlminterp.data.video import read_frames
 from vlminterp.interventions import ablate
+from vlminterp.multiple_choice import mc_prompt
 from vlminterp.store import ActivationStore, load_vector
 
 ISSUE_FLAGS = {
@@ -89,7 +90,7 @@ def test_video_inference_scores_option_letters(data, tmp_path):
     vlm = tiny("tiny-qwen2-vl")
     entry = json.loads(data.read_text())[1]
     frames = read_frames(data.parent / "videos" / entry["video_name"], num_frames=8)
-    logits = vlm.forward(vlm.prepare(text=ct.mc_prompt(entry["question"], entry["candidates"]),
+    logits = vlm.forward(vlm.prepare(text=mc_prompt(entry["question"], entry["candidates"]),
                                      video=[frames]))[0, -1]
     letters = vlm.tokenizer.convert_tokens_to_ids(list("ABCD"))  # line-initial, no space
     np.testing.assert_allclose(rec["scores"], logits[letters].tolist(), atol=1e-5)

@@ -19,8 +19,9 @@ from vlminterp import causal_tracing as ct
 from vlminterp.counterfactuals import reverse
 from vlminterp.data.synthetic import make_video, write_dataset
 from vlminterp.data.video import read_frames
+from vlminterp.multiple_choice import mc_prompt, option_ids
 
-PROMPT = ct.mc_prompt("Which direction does the square move?", ["left", "right"])
+PROMPT = mc_prompt("Which direction does the square move?", ["left", "right"])
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +130,7 @@ def test_planted_answer_concentrates_on_its_frames(vlm, a, b, layers):
     try:
         pair = vlm.prepare(text=PROMPT, video=[clean, reverse(clean)])
         conds = ct.conditions_for(layers, [("main", s) for s in SPANS])
-        scores, _, _ = ct.run_chunk(vlm, pair, conds, ct.option_ids(vlm, 2), 1)
+        scores, _, _ = ct.run_chunk(vlm, pair, conds, option_ids(vlm, 2), 1)
     finally:
         handle.remove()
     clean_s, cf_s = scores[:2]
@@ -147,7 +148,7 @@ def test_frame_span_cutting_a_group_patches_the_whole_group(vlm):
     recs = {}
     for spec in ("visual_frames:1:3", "visual_frames:0:4"):
         recs[spec], _ = ct.trace_sample(vlm, clean, {"reverse": reverse(clean)}, PROMPT,
-                                        ct.option_ids(vlm, 2), 1, spec, [1])
+                                        option_ids(vlm, 2), 1, spec, [1])
     cut, whole = recs["visual_frames:1:3"][0], recs["visual_frames:0:4"][0]
     assert (cut["groups"], cut["frames"], cut["exact"]) == ([0, 1], [[0, 4]], False)
     assert whole["exact"] and cut["positions"] == whole["positions"]
@@ -158,7 +159,7 @@ def test_local_swap_reports_both_spans_their_union_and_text(vlm):
     clean = random_video(1)
     spans = ((0, 2), (4, 6))
     cfs = {"local_swap": clean[[4, 5, 2, 3, 0, 1, 6, 7]]}
-    recs, _ = ct.trace_sample(vlm, clean, cfs, PROMPT, ct.option_ids(vlm, 2), 1, "visual",
+    recs, _ = ct.trace_sample(vlm, clean, cfs, PROMPT, option_ids(vlm, 2), 1, "visual",
                               ["embed"], swap_spans=spans)
     by_role = {r["role"]: r for r in recs}
     assert set(by_role) == {"main", "spanA", "spanB", "union", "text"}
@@ -172,7 +173,7 @@ def test_local_swap_reports_both_spans_their_union_and_text(vlm):
 
 def test_batch_size_does_not_change_scores(vlm):
     clean = random_video(2)
-    args = (vlm, clean, {"reverse": reverse(clean)}, PROMPT, ct.option_ids(vlm, 2), 0,
+    args = (vlm, clean, {"reverse": reverse(clean)}, PROMPT, option_ids(vlm, 2), 0,
             "visual_frames:2:6", ["embed", 0, 1, 2, 3])
     one, _ = ct.trace_sample(*args, batch_size=1)
     many, _ = ct.trace_sample(*args, batch_size=16)
@@ -184,7 +185,7 @@ def test_batch_size_does_not_change_scores(vlm):
 def test_dumped_representations_equal_hand_computed_means(vlm):
     clean = random_video(3)
     _, reps = ct.trace_sample(vlm, clean, {"reverse": reverse(clean)}, PROMPT,
-                              ct.option_ids(vlm, 2), 0, "visual", [0], dump=True)
+                              option_ids(vlm, 2), 0, "visual", [0], dump=True)
     inputs = vlm.prepare(text=PROMPT, video=[clean])
     vis = torch.nonzero(inputs["input_ids"][0] == vlm.torch_model.config.video_token_id).flatten()
     lm = vlm.torch_model.model.language_model
