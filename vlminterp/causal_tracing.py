@@ -169,32 +169,6 @@ def conditions_for(layers: list, slices: list[tuple[str, str]]) -> list[Conditio
     return [Condition(layer, role, spec) for layer in layers for role, spec in slices]
 
 
-_GRIDS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
-
-
-def select_rows(inputs, rows: list[int]):
-    """A batch made of ``rows`` of a prepared batch (rows may repeat), without re-running the
-    processor. Pixel tensors flattened over patches (Qwen2-VL) are split per row by their
-    grid; every other tensor is indexed on its batch axis. One video or image per row."""
-    from .models import ModelInputs
-
-    n = inputs.batch_size
-    out = {}
-    for key, value in inputs.items():
-        if key in _GRIDS and _GRIDS[key] in inputs:
-            parts = value.split(inputs[_GRIDS[key]].prod(-1).tolist())
-            if len(parts) != n:
-                raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
-            out[key] = torch.cat([parts[r] for r in rows])
-        elif isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
-            out[key] = value[list(rows)]
-        else:
-            raise ValueError(f"select_rows: cannot split input {key!r} by batch row")
-    meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
-            for k, v in inputs.meta.items()}
-    return ModelInputs(out, meta=meta)
-
-
 def _check_rows_align(lay) -> None:
     first = lay[0]
     for r in range(1, len(lay)):
@@ -211,7 +185,7 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
     src, dst = (0, 1) if direction == "denoise" else (1, 0)
-    inputs = select_rows(pair, [0, 1] + [dst] * len(chunk))
+    inputs = pair.select_rows([0, 1] + [dst] * len(chunk))
     lay = vlm.layout(inputs)
     _check_rows_align(lay)
     infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}

@@ -311,3 +311,14 @@ def test_knockout_rows_gives_each_row_its_own_condition(hf_vlm):
     torch.testing.assert_close(both, single, atol=0, rtol=0)
     torch.testing.assert_close(both[1], hf_vlm.forward(inputs)[1, -1], atol=1e-5, rtol=0)
     assert (both[0] - hf_vlm.forward(inputs)[0, -1]).abs().max() > 1e-4
+
+
+def test_select_rows_equals_processing_the_rows_again(hf_vlm):
+    inputs = clean_and_counterfactual(hf_vlm, seed=5)
+    picked = inputs.select_rows([1, 0, 1])
+    ref = hf_vlm.forward(inputs)
+    logits = hf_vlm.forward(picked)
+    torch.testing.assert_close(logits, ref[[1, 0, 1]], atol=1e-5, rtol=0)
+    assert picked.meta.keys() == inputs.meta.keys()
+    lay = hf_vlm.layout(picked)
+    assert len(lay) == 3 and torch.equal(lay[2].visual, hf_vlm.layout(inputs)[1].visual)

@@ -29,8 +29,34 @@ class ModelInputs(dict):
 
     @property
     def batch_size(self) -> int:
-        ids = self.get("input_ids", self.get("pixel_values"))
+        ids = self.get("input_ids", self.get("image"))
         return int(ids.shape[0])
+
+    def select_rows(self, rows) -> "ModelInputs":
+        """A batch made of ``rows`` of this one (rows may repeat), without re-running the
+        processor: ``inputs.select_rows([0] * n)`` repeats a single row n times. Pixel tensors
+        flattened over patches (Qwen2-VL) are split per row by their grid; every other tensor
+        is indexed on its batch axis. One video or image per row."""
+        n, rows = self.batch_size, list(rows)
+        out = {}
+        for key, value in self.items():
+            grid = self.get(_FLAT_PIXELS.get(key))
+            if grid is not None:
+                parts = value.split(grid.prod(-1).tolist())
+                if len(parts) != n:
+                    raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
+                out[key] = torch.cat([parts[r] for r in rows])
+            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
+                out[key] = value[rows]
+            else:
+                raise ValueError(f"select_rows: cannot split input {key!r} by batch row")
+        meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
+                for k, v in self.meta.items()}
+        return ModelInputs(out, meta=meta)
+
+
+# Qwen2-VL flattens the patches of every image/video of a batch into one tensor.
+_FLAT_PIXELS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
 @dataclass

@@ -93,11 +93,8 @@ def task_inputs(vlm, image, task: Task, category: str) -> tuple[ModelInputs, str
 
 
 def repeat_inputs(inputs: ModelInputs, n: int) -> ModelInputs:
-    """A single-row batch repeated ``n`` times (image tensors too: LLaVA's [B,3,H,W] and
-    Qwen's flattened patches both stack images along dim 0)."""
-    out = {k: torch.cat([v] * n, dim=0) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    meta = {k: list(v) * n if isinstance(v, list) else v for k, v in inputs.meta.items()}
-    return ModelInputs(out, meta=meta)
+    """A single-row batch repeated ``n`` times."""
+    return inputs.select_rows([0] * n)
 
 
 def last_logits(vlm, inputs: ModelInputs, conditions, intervene, batch_size: int = 16
