@@ -20,8 +20,9 @@ from vlminterp import causal_tracing as ct
 from vlminterp.counterfactuals import make_counterfactuals
 from vlminterp.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
-from vlminterp.recipe_utils import (check_frame_args, load_video_model, open_video_dataset,
-                                    run_resumable)
+from vlminterp.recipe_utils import (check_frame_args, exit_on_remote_error, load_video_model,
+                                    open_video_dataset, run_resumable)
+from vlminterp.remote import add_arguments as add_remote_arguments
 from vlminterp.store import ActivationStore, write_json_atomic
 
 
@@ -57,19 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthetic", type=int, metavar="N", help="without --annotations: write N synthetic videos "
       "(moving squares, known answers) next to --output and use them")
     a("--retry_errors", action="store_true", help="on resume, retry samples that failed before")
+    add_remote_arguments(p)
     return p
 
 
+@exit_on_remote_error
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
+        if args.remote and args.dump_representations:
+            raise ValueError("--dump_representations cannot run with --remote (causal_tracing."
+                             "run_chunk gathers them in a dict made outside the trace, which NDIF "
+                             "does not send back)")
         if args.batch_size < 1 or args.num_frames < 1:
             raise ValueError("--batch_size and --num_frames must be positive")
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
                                   args.output.parent, args.num_frames)
-        vlm = load_video_model(args.model_id, args.device)
+        vlm = load_video_model(args)
         layers = ct.parse_layers(args.layers, vlm.n_layers)
     except ValueError as e:
         parser.error(str(e))
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {"model_id": args.model_id, "num_frames": args.num_frames,
                          "token_slice": str(sl), "swap_spans": args.swap_spans,
                          "counterfactuals": names, "layers": layers, "direction": args.direction,
-                         "batch_size": args.batch_size, "annotations": str(data.annotations_json)},
+                         "batch_size": args.batch_size, "annotations": str(data.annotations_json),
+                         "remote": args.remote},
               "effect": ct.EFFECT_DOC[args.direction], "summary": summary, "heatmap": png.name,
               "records": records, "errors": errors}
     write_json_atomic(args.output, result)

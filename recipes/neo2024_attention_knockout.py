@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from vlminterp import neo2024 as neo
+from vlminterp.recipe_utils import exit_on_remote_error
 from vlminterp.store import ResultLog, write_json_atomic
 
 SOURCES = ("obj_b0", "obj_b1", "obj_b2", "image_minus_obj_b1", "visual")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_remote_error
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from vlminterp import neo2024 as neo
+from vlminterp.recipe_utils import exit_on_remote_error
 from vlminterp.store import ResultLog, load_vector, write_json_atomic
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_remote_error
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or any(t not in neo.TASKS for t in tasks):
         parser.error(f"--tasks: expected a comma list of {', '.join(neo.TASKS)}, got {args.tasks!r}")
+    if args.remote and "generative" in tasks:
+        parser.error("--tasks generative cannot run with --remote (greedy generation runs outside "
+                     "a remote trace); pass --tasks vqa,polling")
     try:
         sizes = [int(n) for n in args.sizes.split(",") if n.strip()]
     except ValueError:

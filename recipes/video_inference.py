@@ -13,7 +13,9 @@ import argparse
 from pathlib import Path
 
 from vlminterp.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
-from vlminterp.recipe_utils import load_video_model, open_video_dataset, run_resumable
+from vlminterp.recipe_utils import (exit_on_remote_error, load_video_model, open_video_dataset,
+                                    run_resumable)
+from vlminterp.remote import add_arguments as add_remote_arguments
 from vlminterp.store import write_json_atomic
 
 
@@ -36,18 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "synthetic videos (moving squares, known answers) next to --output and use them")
     p.add_argument("--retry_errors", action="store_true", help="on resume, retry samples that "
                    "failed before (default: keep their recorded errors)")
+    add_remote_arguments(p)
     return p
 
 
+@exit_on_remote_error
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_frames < 1:
         parser.error(f"--num_frames: expected a positive number, got {args.num_frames}")
+    if args.remote and args.scoring == "logprob":
+        parser.error("--scoring logprob cannot run with --remote (it calls the model outside a "
+                     "trace); use --scoring letter")
     try:
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
                                   args.output.parent, args.num_frames)
-        vlm = load_video_model(args.model_id, args.device)
+        vlm = load_video_model(args)
     except ValueError as e:
         parser.error(str(e))
 
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     records, errors = run_resumable(list(data), args.output.with_suffix(".jsonl"), score,
                                     "inference", args.retry_errors)
     result = {"config": {"model_id": args.model_id, "num_frames": args.num_frames,
-                         "scoring": args.scoring, "annotations": str(data.annotations_json)},
+                         "scoring": args.scoring, "annotations": str(data.annotations_json),
+                         "remote": args.remote},
               "accuracy": accuracy(records), "records": records, "errors": errors}
     write_json_atomic(args.output, result)
     acc = result["accuracy"]["overall"]

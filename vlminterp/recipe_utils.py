@@ -13,19 +13,49 @@ from .tokens import TokenSlice
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def load_video_model(model_id: str, device: str | None = None):
-    """`vlminterp.load` for a video-capable model (default device: cuda if available). Tiny
-    offline models run single-threaded: with hidden size 64, intra-op threads cost more than
-    they save, and on a busy machine their spin-waiting made the demo ~20x slower."""
-    from . import load
+def load_video_model(args):
+    """The recipe's video-capable model from its flags: `vlminterp.load` of ``args.model_id``
+    on ``args.device`` (default: cuda if available), or with ``args.remote`` a `RemoteVLM` on
+    ``args.ndif_host`` (`vlminterp.remote.load_from_args`). Raises ValueError naming the flag.
+    Tiny offline models run single-threaded: with hidden size 64, intra-op threads cost more
+    than they save, and on a busy machine their spin-waiting made the demo ~20x slower."""
+    from .remote import load_from_args
 
-    if model_id.startswith("tiny-"):
+    remote = getattr(args, "remote", False)
+    if remote and args.device is not None:
+        raise ValueError("--device: the NDIF server places the model; drop it with --remote")
+    if args.model_id.startswith("tiny-"):
         torch.set_num_threads(1)
-    vlm = load(model_id, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        vlm = load_from_args(args, args.model_id,
+                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        raise ValueError(f"--remote: {e}" if remote else str(e)) from None
     if vlm.family.name not in VIDEO_FAMILIES:
-        raise ValueError(f"model_id {model_id!r} ({vlm.family.name}) does not take video; use a "
-                         f"Qwen2-VL / Qwen2.5-VL model")
+        raise ValueError(f"model_id {args.model_id!r} ({vlm.family.name}) does not take video; "
+                         f"use a Qwen2-VL / Qwen2.5-VL model")
     return vlm
+
+
+def exit_on_remote_error(main):
+    """Decorate a recipe's ``main``: a `RemoteError` (NDIF server unreachable, died, refused
+    the job) stops the run with its one-line message on stderr and exit status 1. It is
+    never a sample's error: the finished samples are already in the results log, so a rerun
+    resumes after them."""
+    import functools
+    import sys
+
+    from .remote import RemoteError
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except RemoteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return run
 
 
 def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):
@@ -67,7 +97,8 @@ def check_frame_args(token_slice: str, swap_spans: str, num_frames: int):
 def run_resumable(samples, log_path, work, desc: str, retry_errors: bool = False):
     """``work(sample) -> records`` for every sample not yet in the `ResultLog` at ``log_path``,
     with a tqdm bar. A missing or unreadable video (or another per-sample ValueError) is logged as
-    that sample's error and the run goes on. Returns ``(records, errors)`` in dataset order."""
+    that sample's error and the run goes on; a `RemoteError` (a server fault, not the
+    sample's) propagates and stops the run. Returns ``(records, errors)`` in dataset order."""
     from tqdm import tqdm
 
     from .data.video import VideoReadError

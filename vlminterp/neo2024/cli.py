@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from vlminterp.data.coco import CocoError, CocoObjects, ObjectSample
+from vlminterp.remote import add_arguments as add_remote_arguments
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="model dtype (default: float32 for tiny models, the checkpoint's otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic data and random subsets")
+    add_remote_arguments(p)
 
 
 def add_questions_arg(p: argparse.ArgumentParser) -> None:
@@ -59,14 +61,26 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             p.error(f"--{flag}: expected 0 or more, got {value}")
+    for flag in ("device", "dtype"):
+        if args.remote and getattr(args, flag) is not None:
+            p.error(f"--{flag}: the NDIF server places the model and picks its dtype; drop it "
+                    "with --remote")
 
 
 def load_model(args):
-    import vlminterp
+    """`vlminterp.load` (``--device``, ``--dtype``) or, with ``--remote``, a `RemoteVLM` on
+    ``--ndif-host`` (`vlminterp.remote.load_from_args`); a model that cannot be loaded for
+    the remote run exits with one line."""
+    from vlminterp.remote import load_from_args
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return vlminterp.load(args.model_id, device=device, dtype=dtype)
+    try:
+        return load_from_args(args, args.model_id, device=device, dtype=dtype)
+    except ValueError as e:
+        if not args.remote:
+            raise
+        raise SystemExit(f"error: --remote: {e}") from None
 
 
 def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
@@ -88,7 +102,9 @@ def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
 
 def run_samples(samples, log, desc: str, fn) -> None:
     """Call ``fn(sample) -> records`` for each sample the `ResultLog` has not finished, with a
-    progress bar; log the records (or the sample's data error, one line) under its key."""
+    progress bar; log the records (or the sample's data error, one line) under its key. A
+    `RemoteError` is the server's fault, not the sample's: it propagates and stops the run
+    (see `vlminterp.recipe_utils.exit_on_remote_error`)."""
     from tqdm import tqdm
 
     for s in tqdm([s for s in samples if s.key not in log.done], desc=desc):
@@ -102,7 +118,8 @@ def run_samples(samples, log, desc: str, fn) -> None:
 
 def run_info(args, **extra) -> dict:
     """The settings a results JSON records (paths as strings)."""
-    info = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    info = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            if k != "ndif_api_key"}  # a secret: never written to results
     note = ("keep_all: images the un-ablated model gets wrong are kept too (offline demo); "
             "drop rates count only initially correct images") if args.keep_all else None
     return {**info, "keep_all_note": note, **extra}
