@@ -68,10 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
-        if args.remote and args.dump_representations:
-            raise ValueError("--dump_representations cannot run with --remote (causal_tracing."
-                             "run_chunk gathers them in a dict made outside the trace, which NDIF "
-                             "does not send back)")
         if args.batch_size < 1 or args.num_frames < 1:
             raise ValueError("--batch_size and --num_frames must be positive")
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,

@@ -43,10 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     neo.check_args(parser, args)
-    if args.remote:
-        parser.error("--remote: the logit lens cannot run on NDIF yet (neo2024.lens."
-                     "logit_lens_topk gathers layers in a list made outside the trace, which "
-                     "NDIF does not send back)")
     vlm = neo.load_model(args)
     layer = (3 * vlm.n_layers) // 4 if args.heatmap_layer is None else args.heatmap_layer
     if not 0 <= layer < vlm.n_layers:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nnsight
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -195,9 +196,10 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     layers = sorted(set(rows) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
                     key=_layer_order)
     real = torch.nonzero(inputs["attention_mask"][0].cpu()).flatten()
-    reps, keep = {}, last_logits_kwargs(vlm)
+    keep = last_logits_kwargs(vlm)
     at = -1 if keep else lay[0].last
     with torch.no_grad(), vlm.trace(inputs, **keep):
+        reps = nnsight.save({})  # made inside the trace and saved: NDIF returns saved objects only
         for layer in layers:
             site, side = _site(vlm, layer)
             for spec, dst_rows in rows.get(layer, {}).items():

@@ -11,10 +11,12 @@ import json
 
 import pytest
 
-from recipes import (neo2024_attention_knockout, neo2024_logit_lens, neo2024_object_ablation,
-                     video_inference)
+from recipes import (counterfactual_causal_tracing, neo2024_attention_knockout, neo2024_logit_lens,
+                     neo2024_object_ablation, video_inference)
 from vlminterp import neo2024 as neo
-from vlminterp.store import ResultLog
+import torch
+
+from vlminterp.store import ActivationStore, ResultLog
 
 pytestmark = pytest.mark.remote
 DEAD_HOST = "127.0.0.1:9"  # nothing listens there: connection refused
@@ -90,6 +92,46 @@ def test_video_inference_remote_json_equals_local(ndif, tmp_path):
     assert _comparable(remote) == _comparable(local)
 
 
+def test_logit_lens_remote_json_equals_local(ndif, tmp_path):
+    """Per-layer top-k lists are gathered in containers saved inside the trace."""
+    stack, dirs = ndif
+    local_out, remote_out = tmp_path / "local.json", tmp_path / "remote.json"
+    local, remote = _run_pair(
+        neo2024_logit_lens, _neo_argv(dirs["tiny-llava"], local_out, "--device", "cpu"),
+        _neo_argv(dirs["tiny-llava"], remote_out, "--remote", "--ndif-host", stack.host),
+        local_out, remote_out)
+    assert remote["records"] and _comparable(remote) == _comparable(local)
+
+
+def test_tracing_with_representations_remote_equals_local(ndif, tmp_path):
+    """Scores, effects and every dumped representation tensor match a local run — to float
+    rounding: a Ray actor computes with one thread (OMP_NUM_THREADS=1), the local run with
+    torch's default, so reductions in these 8-row batches sum in a different order."""
+    stack, dirs = ndif
+    argv = ["--model_id", dirs["tiny-qwen2-vl"], "--synthetic", "1", "--layers", "embed,0,3",
+            "--dump_representations"]
+    local_out, remote_out = tmp_path / "local" / "t.json", tmp_path / "remote" / "t.json"
+    local, remote = _run_pair(
+        counterfactual_causal_tracing, [*argv, "--device", "cpu", "--output", str(local_out)],
+        [*argv, "--remote", "--ndif-host", stack.host, "--output", str(remote_out)],
+        local_out, remote_out)
+    assert remote["records"] and not remote["errors"]
+    for r, l in zip(remote["records"], local["records"], strict=True):
+        assert (r["question_id"], r["layer"], r["token_slice"]) == (
+            l["question_id"], l["layer"], l["token_slice"])
+        assert r["patched_score"] == pytest.approx(l["patched_score"], rel=1e-4, abs=1e-5)
+        assert (r["effect"] is None) == (l["effect"] is None)
+        if r["effect"] is not None:
+            assert r["effect"] == pytest.approx(l["effect"], rel=1e-3, abs=1e-4)
+    stores = [ActivationStore(p.parent / "t_representations") for p in (local_out, remote_out)]
+    assert stores[0].keys() == stores[1].keys() and len(stores[0]) > 0
+    for key in stores[0].keys():
+        a, b = stores[0].get(key), stores[1].get(key)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
 def _counting(monkeypatch, dies_after: int | None = None) -> list[str]:
     """Record the key of every sample the knockout recipe computes; after ``dies_after``
     samples, send the remote model's traces to DEAD_HOST (the server died)."""
@@ -133,11 +175,10 @@ def test_dying_server_stops_run_and_rerun_resumes(ndif, local_knockout, tmp_path
 
 @pytest.mark.parametrize("recipe, argv, flag", [
     (neo2024_object_ablation, ["--remote"], "--tasks generative"),
-    (neo2024_logit_lens, ["--remote"], "--remote"),
     (neo2024_attention_knockout, ["--remote", "--device", "cpu"], "--device"),
     (neo2024_attention_knockout, ["--remote", "--dtype", "float16"], "--dtype"),
     (video_inference, ["--remote", "--scoring", "logprob"], "--scoring logprob"),
-], ids=["generative", "logit-lens", "device", "dtype", "logprob"])
+], ids=["generative", "device", "dtype", "logprob"])
 def test_what_cannot_run_remotely_fails_up_front(recipe, argv, flag, tmp_path, capsys):
     """No stack needed: refused while parsing, before any model or data is touched."""
     with pytest.raises(SystemExit) as refused:

@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 
+import nnsight
 import torch
 
 from vlminterp.data.coco import CocoObjects, ObjectSample
@@ -24,8 +25,9 @@ def logit_lens_topk(vlm, inputs: ModelInputs, k: int = 5, track: list[int] | Non
     ids and probabilities ``[layers, seq, k]``, and the summed probability of the ``track``
     token ids ``[layers, seq]`` (zeros when not given)."""
     track_ids = torch.tensor(track or [], dtype=torch.long)
-    ids, probs, tracked = [], [], []
     with torch.no_grad(), vlm.trace(inputs):
+        # Containers made inside the trace and saved: NDIF sends back only saved objects.
+        ids, probs, tracked = nnsight.save([]), nnsight.save([]), nnsight.save([])
         for layer in range(vlm.n_layers):
             p = torch.softmax(logit_lens(vlm, vlm.layers[layer].output[0]).float(), dim=-1)
             top = p.topk(k, dim=-1)
