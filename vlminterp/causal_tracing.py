@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from .interventions import patch, site_tensor
+from .interventions import expand_rows, patch, site_tensor
 from .metrics import normalised_effect, option_margin
 from .multiple_choice import Frames, last_logits_kwargs
 from .tokens import TokenSlice
@@ -179,27 +179,29 @@ def _check_rows_align(lay) -> None:
 
 
 def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
-              direction: str = "denoise", dump: bool = False):
-    """One traced forward over ``pair`` (prepared rows [clean, counterfactual]) extended to
-    rows [clean, counterfactual, patched...]. Returns (scores [2 + k], {spec: SliceInfo},
-    representations of rows 0 and 1 or None)."""
+              direction: str = "denoise", dump: bool = False, lay=None):
+    """One traced forward over ``pair`` (prepared rows [clean, counterfactual]) whose language
+    model runs rows [clean, counterfactual, patched...] (`expand_rows`: the vision tower runs
+    on the 2 distinct rows only). ``lay``: the pair's layout, if the caller has it. Returns
+    (scores [2 + k], {spec: SliceInfo}, representations of rows 0 and 1 or None)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
     src, dst = (0, 1) if direction == "denoise" else (1, 0)
-    inputs = pair.select_rows([0, 1] + [dst] * len(chunk))
-    lay = vlm.layout(inputs)
-    _check_rows_align(lay)
+    if lay is None:
+        lay = vlm.layout(pair)
+        _check_rows_align(lay)
     infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}
     rows: dict = {}  # layer -> token slice -> the batch rows that patch it
     for j, c in enumerate(chunk):
         rows.setdefault(c.layer, {}).setdefault(c.token_slice, []).append(2 + j)
     layers = sorted(set(rows) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
                     key=_layer_order)
-    real = torch.nonzero(inputs["attention_mask"][0].cpu()).flatten()
+    real = torch.nonzero(pair["attention_mask"][0].cpu()).flatten()
     keep = last_logits_kwargs(vlm)
     at = -1 if keep else lay[0].last
-    with torch.no_grad(), vlm.trace(inputs, **keep):
+    with torch.no_grad(), vlm.trace(pair, **keep):
         reps = nnsight.save({})  # made inside the trace and saved: NDIF returns saved objects only
+        expand_rows(vlm, [0, 1] + [dst] * len(chunk))
         for layer in layers:
             site, side = _site(vlm, layer)
             for spec, dst_rows in rows.get(layer, {}).items():
@@ -253,11 +255,13 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
     for name, cf in counterfactuals.items():
         conds = conditions_for(layers, tracing_slices(token_slice, name, swap_spans))
         pair = vlm.prepare(text=prompt, video=[clean, cf])
+        lay = vlm.layout(pair)
+        _check_rows_align(lay)
         for k in range(0, len(conds), batch_size):
             chunk = conds[k:k + batch_size]
             want = dump and k == 0
             scores, infos, rows = run_chunk(vlm, pair, chunk, option_ids_, correct, direction,
-                                            dump=want)
+                                            dump=want, lay=lay)
             if want:
                 reps.setdefault("clean", rows[0])
                 reps[name] = rows[1]

@@ -121,6 +121,29 @@ def add_vector(site, vector: Float[Tensor, "d"], positions: Positions = None,
     h[idx] = h[idx] + alpha * vector.to(device=h.device, dtype=h.dtype)
 
 
+def expand_rows(vlm, rows) -> None:
+    """Run the language model on ``rows`` of the batch (rows may repeat; first thing in the
+    trace after the vision tower, before any decoder layer is read). The vision tower and
+    projector run once per input row, so k patched copies of a counterfactual cost k extra
+    language-model rows, not k extra vision passes. Batch row i is input row ``rows[i]``
+    from here on (``lm_head.output`` has ``len(rows)`` rows)."""
+    args, kwargs = vlm.lm.inputs
+    batch = kwargs["inputs_embeds"].shape[0]
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    new = {}
+    for key, value in kwargs.items():
+        if not isinstance(value, Tensor) or value.ndim == 0:
+            new[key] = value
+        elif key == "position_ids" and value.ndim == 3:  # Qwen's M-RoPE ids: [3, batch, seq]
+            new[key] = value[:, idx.to(value.device)]
+        elif value.shape[0] == batch:
+            new[key] = value[idx.to(value.device)]
+        else:
+            raise ValueError(f"expand_rows: cannot index language-model input {key!r} "
+                             f"of shape {tuple(value.shape)} by batch row")
+    vlm.lm.inputs = (args, new)
+
+
 def knockout_attention(vlm, sources: Positions, targets: Positions, layers, rows=None) -> None:
     """Block attention from ``sources`` (keys) to ``targets`` (queries) in ``layers``, for
     ``rows`` (default: every row).

@@ -6,7 +6,7 @@ import torch
 from conftest import clean_and_counterfactual, random_image, random_video, tiny
 
 import vlminterp
-from vlminterp.interventions import (ablate, add_vector, cache, knockout_attention,
+from vlminterp.interventions import (ablate, add_vector, cache, expand_rows, knockout_attention,
                                      knockout_attention_rows, logit_lens, patch)
 
 
@@ -322,3 +322,22 @@ def test_select_rows_equals_processing_the_rows_again(hf_vlm):
     assert picked.meta.keys() == inputs.meta.keys()
     lay = hf_vlm.layout(picked)
     assert len(lay) == 3 and torch.equal(lay[2].visual, hf_vlm.layout(inputs)[1].visual)
+
+
+def test_expand_rows_equals_processing_repeated_rows(hf_vlm):
+    """The vision tower runs on 2 rows; the language model on [1, 0, 1, 1]."""
+    assert hf_vlm.lm._module is hf_vlm.torch_model.model.language_model
+    inputs = clean_and_counterfactual(hf_vlm, seed=7)
+    rows = [1, 0, 1, 1]
+    ref = hf_vlm.forward(inputs.select_rows(rows))
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        expand_rows(hf_vlm, rows)
+        logits = hf_vlm.lm_head.output.save()
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    # A patch on an expanded row acts on that row only.
+    with torch.no_grad(), hf_vlm.trace(inputs):
+        expand_rows(hf_vlm, rows)
+        patch(hf_vlm.layers[1], None, src_row=1, dst_rows=[3])
+        patched = hf_vlm.lm_head.output.save()
+    torch.testing.assert_close(patched[:3], ref[:3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(patched[3], ref[1], atol=1e-5, rtol=0)

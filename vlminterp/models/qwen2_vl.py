@@ -10,6 +10,7 @@ from .base import Family, ModelInputs
 from .common import as_list, chat_texts
 
 RENAME = {
+    "model.language_model": "lm",
     "model.language_model.layers": "layers",
     "model.language_model.norm": "ln_final",
     "model.language_model.embed_tokens": "embed",
