@@ -5,6 +5,10 @@ import warnings
 import numpy as np
 import pytest
 
+# vlminterp first: importing nnsight before beartype's import hook has seen vlminterp breaks
+# beartype 0.23 ("unhashable type: 'instancemethod'") in a test file run on its own.
+import vlminterp  # noqa: F401
+
 warnings.filterwarnings("ignore", message=".*per-frame pixel cap.*")
 
 HF_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava"]
