@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 
@@ -41,9 +40,7 @@ PROMPT = ("Which direction does the red square move in this video ? Options : A 
 
 def main() -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
-    common.setup(args, memory=True)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()
+    load0 = common.setup(args, memory=True)
     dev = args.device
     size, frames, repeat = (112, 2, 2) if args.quick else (336, 8, 12)
     vlm, _ = common.realistic_qwen2_vl(max_pixels=size * size, device=dev, plain_copy=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import warnings
 
 import torch
 
@@ -38,12 +37,9 @@ LAYER, NEXT = 5, 6
 
 def main() -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
-    common.setup(args)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()
+    load0 = common.setup(args)
     dev = args.device
-    reps = args.reps or 7
-    warmup = args.warmup if args.warmup is not None else 1
+    reps, warmup = args.reps, args.warmup
     batch, n_batches = (2, 2) if args.quick else (32, 3)
 
     import open_clip

@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import sys
+import warnings
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -45,9 +46,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args: argparse.Namespace, memory: bool = False) -> None:
-    """Apply --threads (and with ``memory=True`` the allocator setting that makes RSS track
-    tensor frees — it costs a page fault per tensor, so never in a timing benchmark)."""
+def setup(args: argparse.Namespace, memory: bool = False) -> tuple[float, float, float]:
+    """Apply --threads, the --reps (7) and --warmup (1) defaults, silence library warnings,
+    and (with ``memory=True``) the allocator setting that makes RSS track tensor frees — it
+    costs a page fault per tensor, so never in a timing benchmark. Returns the load average
+    at the start, for the JSON's meta."""
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: CUDA is not available on this machine")
@@ -59,7 +62,11 @@ def setup(args: argparse.Namespace, memory: bool = False) -> None:
         args.clock = "wall" if cuda else "cpu"
     if memory:
         _fixed_mmap_threshold()
+    args.reps = args.reps or 7
+    args.warmup = 1 if args.warmup is None else args.warmup
+    warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    return os.getloadavg()
 
 
 def _fixed_mmap_threshold(threshold: int = 1 << 16) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import warnings
 
 import torch
 
@@ -110,12 +109,9 @@ def loop_sweep(vlm, plain, clean, cfs, prompt, ids, layers, spans):
 
 def main() -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
-    common.setup(args)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()
+    load0 = common.setup(args)
     dev = args.device
-    reps = args.reps or 7
-    warmup = args.warmup if args.warmup is not None else 1
+    reps, warmup = args.reps, args.warmup
     vlm, plain = tiny_8_layers(dev)
     clean = common.random_video(0, frames=8, size=112)
     cfs = make_counterfactuals(clean, ["reverse", "shuffle"], seed=0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 
@@ -85,11 +84,8 @@ def case(vlm, plain, inputs, device):
 def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
     args = p.parse_args()
-    common.setup(args)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()
-    reps = args.reps or 7
-    warmup = args.warmup if args.warmup is not None else 1
+    load0 = common.setup(args)
+    reps, warmup = args.reps, args.warmup
     dev = args.device
     size, frames = (112, 2) if args.quick else (336, 8)
 
