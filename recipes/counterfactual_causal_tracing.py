@@ -20,9 +20,8 @@ from vlminterp import causal_tracing as ct
 from vlminterp.counterfactuals import make_counterfactuals
 from vlminterp.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
-from vlminterp.recipe_utils import (check_frame_args, exit_on_remote_error, load_video_model,
-                                    open_video_dataset, run_resumable)
-from vlminterp.remote import add_arguments as add_remote_arguments
+from vlminterp.recipe_utils import (add_video_args, check_frame_args, exit_on_remote_error,
+                                    load_video_model, open_video_dataset, run_resumable)
 from vlminterp.store import ActivationStore, write_json_atomic
 
 
@@ -30,17 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipes.counterfactual_causal_tracing",
                                 description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--annotations", type=Path, help="video-QA annotations JSON (a list of entries)")
-    a("--video_root", type=Path, help="folder of the videos (default: ANNOTATIONS_DIR/videos, "
-      "else ANNOTATIONS_DIR)")
-    a("--output", type=Path, required=True, help="result JSON; OUTPUT.jsonl keeps finished "
-      "samples so a re-run with the same --output resumes")
+    add_video_args(p)
     a("--representations_output", type=Path, help="activation store folder for "
       "--dump_representations (default: OUTPUT_representations/)")
-    a("--model_id", default="tiny-qwen2-vl", help="video model id or local dir (default: "
-      "tiny-qwen2-vl, offline random weights; e.g. Qwen/Qwen2-VL-7B-Instruct)")
-    a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    a("--num_frames", type=int, default=8, help="frames sampled per video (default: 8)")
     a("--token_slice", default="visual", help="positions to patch: visual | text | all | "
       "visual_frames:a:b (input frames, mapped to temporal token groups) (default: visual)")
     a("--swap_spans", default="0:2,2:4", help="frame spans local_swap exchanges, 'a0:a1,b0:b1'; "
@@ -55,10 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
       "also holds the clean and counterfactual rows (default: 8)")
     a("--direction", choices=ct.DIRECTIONS, default="denoise", help="denoise: clean -> "
       "counterfactual run (as the original); noise: counterfactual -> clean run")
-    a("--synthetic", type=int, metavar="N", help="without --annotations: write N synthetic videos "
-      "(moving squares, known answers) next to --output and use them")
-    a("--retry_errors", action="store_true", help="on resume, retry samples that failed before")
-    add_remote_arguments(p)
     return p
 
 

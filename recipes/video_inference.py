@@ -10,35 +10,19 @@ Example (offline): python -m recipes.video_inference --synthetic 4 --output runs
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vlminterp.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
-from vlminterp.recipe_utils import (exit_on_remote_error, load_video_model, open_video_dataset,
-                                    run_resumable)
-from vlminterp.remote import add_arguments as add_remote_arguments
+from vlminterp.recipe_utils import (add_video_args, exit_on_remote_error, load_video_model,
+                                    open_video_dataset, run_resumable)
 from vlminterp.store import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipes.video_inference",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--annotations", type=Path, help="video-QA annotations JSON (a list of entries)")
-    p.add_argument("--video_root", type=Path, help="folder holding the annotations' video_name files "
-                   "(default: ANNOTATIONS_DIR/videos, else ANNOTATIONS_DIR)")
-    p.add_argument("--output", type=Path, required=True, help="result JSON; OUTPUT.jsonl keeps "
-                   "finished samples so a re-run resumes")
-    p.add_argument("--model_id", default="tiny-qwen2-vl", help="model id or local dir (default: "
-                   "tiny-qwen2-vl, offline random weights; e.g. Qwen/Qwen2-VL-7B-Instruct)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly within "
-                   "[start, end] of each video (default: 8)")
+    add_video_args(p)
     p.add_argument("--scoring", choices=["letter", "logprob"], default="letter", help="'letter': "
                    "option letter logits (default); 'logprob': full-candidate log-probability")
-    p.add_argument("--synthetic", type=int, metavar="N", help="without --annotations: write N "
-                   "synthetic videos (moving squares, known answers) next to --output and use them")
-    p.add_argument("--retry_errors", action="store_true", help="on resume, retry samples that "
-                   "failed before (default: keep their recorded errors)")
-    add_remote_arguments(p)
     return p
 
 

@@ -13,6 +13,29 @@ from .tokens import TokenSlice
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
+def add_video_args(p) -> None:
+    """The flags every video recipe shares: data, output, model, device, frames, resuming and
+    NDIF (``--remote``, ``--ndif-host``, ``--ndif-api-key``)."""
+    from .remote import add_arguments as add_remote_arguments
+
+    a = p.add_argument
+    a("--annotations", type=Path, help="video-QA annotations JSON (a list of entries)")
+    a("--video_root", type=Path, help="folder holding the annotations' video_name files "
+      "(default: ANNOTATIONS_DIR/videos, else ANNOTATIONS_DIR)")
+    a("--output", type=Path, required=True, help="result JSON; OUTPUT.jsonl keeps finished "
+      "samples so a re-run with the same --output resumes")
+    a("--model_id", default="tiny-qwen2-vl", help="video model id or local dir (default: "
+      "tiny-qwen2-vl, offline random weights; e.g. Qwen/Qwen2-VL-7B-Instruct)")
+    a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    a("--num_frames", type=int, default=8, help="frames sampled uniformly within [start, end] "
+      "of each video (default: 8)")
+    a("--synthetic", type=int, metavar="N", help="without --annotations: write N synthetic "
+      "videos (moving squares, known answers) next to --output and use them")
+    a("--retry_errors", action="store_true", help="on resume, retry samples that failed before "
+      "(default: keep their recorded errors)")
+    add_remote_arguments(p)
+
+
 def load_video_model(args):
     """The recipe's video-capable model from its flags: `vlminterp.load` of ``args.model_id``
     on ``args.device`` (default: cuda if available), or with ``args.remote`` a `RemoteVLM` on
