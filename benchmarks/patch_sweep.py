@@ -4,7 +4,7 @@ Sweep: 8 decoder layers x 4 frame spans (``visual_frames:0:2`` … ``6:8``, one 
 x 2 counterfactuals (reverse, shuffle) = 64 patched conditions on one 8-frame clip, denoising
 (clean activations patched into the counterfactual run), on tiny Qwen2-VL with 8 decoder layers.
 
-  library  `vlminterp.causal_tracing.run_chunk` (what ``trace_sample`` and the recipe run): per
+  library  `vlminterp.video.causal_tracing.run_chunk` (what ``trace_sample`` and the recipe run): per
            counterfactual, one traced forward per ``batch_size`` conditions; the vision tower
            runs on [clean, counterfactual] and the language model on rows [clean,
            counterfactual, patched...] (`interventions.expand_rows`), patches copied between rows;
@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from vlminterp import causal_tracing as ct  # noqa: E402
-from vlminterp.counterfactuals import make_counterfactuals  # noqa: E402
+from vlminterp.video import causal_tracing as ct  # noqa: E402
+from vlminterp.video.counterfactuals import make_counterfactuals  # noqa: E402
 from vlminterp.metrics import option_margin  # noqa: E402
-from vlminterp.multiple_choice import last_logits_kwargs, mc_prompt, option_ids  # noqa: E402
+from vlminterp.video.multiple_choice import last_logits_kwargs, mc_prompt, option_ids  # noqa: E402
 
 TARGETS = {"speedup_b8": (">=", 4.0)}
 QUESTION = "Which direction does the red square move?"

@@ -7,7 +7,7 @@ forwards. Score = option-letter margin at the last position; effect = (patched -
 for denoise, (clean - patched) / (clean - cf) for noise (null when clean == cf). Frame spans map
 to Qwen2-VL's temporal token groups (2 frames per group); records name the groups really patched.
 Writes OUTPUT (JSON), OUTPUT_heatmap.png, OUTPUT.jsonl (resume log) and, with
---dump_representations, an activation store. Definitions: `vlminterp.causal_tracing`.
+--dump_representations, an activation store. Definitions: `vlminterp.video.causal_tracing`.
 Example (offline): python -m recipes.counterfactual_causal_tracing --synthetic 4 --output runs/demo/tracing.json
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlminterp import causal_tracing as ct
-from vlminterp.counterfactuals import make_counterfactuals
-from vlminterp.multiple_choice import mc_prompt, option_ids
+from vlminterp.video import causal_tracing as ct
+from vlminterp.video.counterfactuals import make_counterfactuals
+from vlminterp.video.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
 from vlminterp.recipe_utils import (add_video_args, check_frame_args, exit_on_remote_error,
                                     load_video_model, open_video_dataset, run_resumable)

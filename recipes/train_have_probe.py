@@ -3,7 +3,7 @@
 Have-1: does the representation tell the clean clip from its counterfactual (binary)?
 Have-2: does the clean representation predict an annotation label (multi-class)?
 Split by video (20% held out), with majority baseline, shuffled-label control and selectivity;
-``--layer_idx all`` sweeps layers_mean's layers and plots the curve. Definitions: `vlminterp.probes`.
+``--layer_idx all`` sweeps layers_mean's layers and plots the curve. Definitions: `vlminterp.video.probes`.
 Example: python -m recipes.train_have_probe --representations runs/demo/tracing_representations \\
   --output runs/demo/have1.json --representation layers_mean --layer_idx all
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlminterp import probes
+from vlminterp.video import probes
 from vlminterp.data.videoqa import KNOWN_FIELDS, load_annotations
 from vlminterp.plots import line_plot
 from vlminterp.store import ActivationStore, write_json_atomic

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlminterp.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
+from vlminterp.video.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
 from vlminterp.recipe_utils import (add_video_args, exit_on_remote_error, load_video_model,
                                     open_video_dataset, run_resumable)
 from vlminterp.store import write_json_atomic

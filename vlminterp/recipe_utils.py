@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .counterfactuals import check_span, parse_swap_spans
+from .video.counterfactuals import check_span, parse_swap_spans
 from .tokens import TokenSlice
 
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")

@@ -18,11 +18,11 @@ import recipes.calculate_mean_vector as mean_recipe
 import recipes.counterfactual_causal_tracing as tracing_recipe
 import recipes.train_have_probe as probe_recipe
 import recipes.video_inference as inference_recipe
-from vlminterp import causal_tracing as ct
+from vlminterp.video import causal_tracing as ct
 from vlminterp.data.synthetic import write_dataset
 from vlminterp.data.video import read_frames
 from vlminterp.interventions import ablate
-from vlminterp.multiple_choice import mc_prompt
+from vlminterp.video.multiple_choice import mc_prompt
 from vlminterp.store import ActivationStore, load_vector
 
 ISSUE_FLAGS = {

@@ -15,11 +15,11 @@ import torch
 from conftest import random_video, tiny
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
-from vlminterp import causal_tracing as ct
-from vlminterp.counterfactuals import reverse
+from vlminterp.video import causal_tracing as ct
+from vlminterp.video.counterfactuals import reverse
 from vlminterp.data.synthetic import make_video, write_dataset
 from vlminterp.data.video import read_frames
-from vlminterp.multiple_choice import mc_prompt, option_ids
+from vlminterp.video.multiple_choice import mc_prompt, option_ids
 
 PROMPT = mc_prompt("Which direction does the square move?", ["left", "right"])
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from vlminterp.counterfactuals import (
+from vlminterp.video.counterfactuals import (
     COUNTERFACTUALS,
     blank,
     check_span,

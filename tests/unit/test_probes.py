@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from vlminterp import probes
+from vlminterp.video import probes
 from vlminterp.store import ActivationStore
 
 

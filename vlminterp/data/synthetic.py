@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import UInt8
 
-from vlminterp.counterfactuals import check_span, format_span
+from vlminterp.video.counterfactuals import check_span, format_span
 from vlminterp.data.video import write_video
 
 COLOURS: dict[str, tuple[int, int, int]] = {

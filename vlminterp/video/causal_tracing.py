@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from .interventions import expand_rows, patch, site_tensor
-from .metrics import normalised_effect, option_margin
+from ..interventions import expand_rows, patch, site_tensor
+from ..metrics import normalised_effect, option_margin
 from .multiple_choice import Frames, last_logits_kwargs
-from .tokens import TokenSlice
+from ..tokens import TokenSlice
 
 VPRIME_ROWS = 128
 DIRECTIONS = ("denoise", "noise")
