@@ -9,6 +9,7 @@ Single writer per file: concurrent writers to one log or store are not supported
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,51 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temp files that a killed `atomic_write` of ``path`` left beside it (``.NAME.*.tmp``)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp") if p.is_file())
+
+
+def clean_stale_temps(paths) -> int:
+    """Remove the temp files killed atomic writes of ``paths`` left behind; returns how many.
+    Only temps named after these paths are touched (other writers in the folder are not)."""
+    removed = 0
+    for path in paths:
+        for tmp in stale_temp_files(path):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of ``config`` (sorted keys): the identity of a run's settings."""
+    text = json.dumps(_jsonable(config), sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ConfigMismatch(ValueError):
+    """A results log written with other settings than this run's; ``differences`` maps each
+    setting that differs to ``(old, new)``. The message is one line."""
+
+    def __init__(self, path: Path, differences: dict[str, tuple], note: str = "") -> None:
+        self.path, self.differences = path, differences
+        shown = ", ".join(f"--{k} {_short(old)} -> {_short(new)}" for k, (old, new) in differences.items())
+        super().__init__(f"{path} holds results of other settings ({note or shown}); rerun with "
+                         f"the same settings to resume, or pass --restart to discard them and start over")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(_jsonable(value), ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class ResultLog:
     """Resumable per-sample results: one JSONL line per finished sample, fsynced.
 
@@ -83,15 +129,40 @@ class ResultLog:
     latest line is an error counts as done (a rerun skips it) unless ``retry_errors=True``.
     A truncated last line (the run was killed mid-write) is ignored with a warning and cut off
     before the next append.
+
+    ``config``: the settings that change results (flag name -> value). The log's first line
+    records them (``{"config": ..., "config_hash": ...}``, written with the first entry); reopening
+    a log with other settings raises `ConfigMismatch` naming every setting that differs, and a
+    log with entries but no recorded settings is refused too, so results of two configurations
+    never mix. ``config=None`` skips the check.
     """
 
-    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False,
+                 config: dict | None = None) -> None:
         self.path = Path(path)
         self.retry_errors = retry_errors
+        self.config = None if config is None else _jsonable(config)
+        self._header: dict | None = None  # the config line read from the file
         self._entries: dict[str, dict] = {}  # key → latest line; re-adding moves it to the end
         self._good_end = 0  # byte offset just after the last complete line
         self._needs_repair = False  # the file's tail must be cut or newline-terminated first
         self._read()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        if self.config is None:
+            return
+        if self._header is None:
+            if self._entries:
+                raise ConfigMismatch(self.path, {}, "its settings were not recorded: it was written "
+                                                    "by an older vlminterp")
+            return
+        if self._header.get("config_hash") == config_hash(self.config):
+            return
+        old, new = self._header.get("config") or {}, self.config
+        differences = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)}
+        raise ConfigMismatch(self.path, differences)
 
     def _read(self) -> None:
         if not self.path.exists():
@@ -105,6 +176,11 @@ class ResultLog:
             if raw.strip():
                 try:
                     entry = json.loads(raw)
+                    if lineno == 1 and isinstance(entry, dict) and "config_hash" in entry \
+                            and "key" not in entry:
+                        self._header = entry
+                        pos = self._good_end = end
+                        continue
                     if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
                         raise ValueError("expected an object with a string 'key'")
                 except ValueError as e:
@@ -126,6 +202,11 @@ class ResultLog:
     def errors(self) -> dict[str, str]:
         return {k: e["error"] for k, e in self._entries.items() if "error" in e}
 
+    def latest(self) -> dict[str, dict]:
+        """Each key's latest line (``{"key", "records"}`` or ``{"key", "error"}``), in order of
+        (latest) completion."""
+        return dict(self._entries)
+
     def records(self) -> list[dict]:
         """All records, in order of (latest) completion, one entry per key (last write wins)."""
         return [r for e in self._entries.values() if "records" in e for r in e["records"]]
@@ -137,7 +218,12 @@ class ResultLog:
         self._write({"key": key, "error": message})
 
     def _write(self, entry: dict) -> None:
-        line = (_dumps(entry) + "\n").encode("utf-8")
+        text = _dumps(entry)
+        line = (text + "\n").encode("utf-8")
+        if self.config is not None and self._header is None:
+            header = {"config": self.config, "config_hash": config_hash(self.config)}
+            line = (_dumps(header) + "\n").encode("utf-8") + line
+            self._header = header
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._needs_repair and self.path.exists():
             with open(self.path, "rb+") as f:
@@ -155,7 +241,7 @@ class ResultLog:
             os.fsync(f.fileno())
         self._good_end += len(line)
         self._entries.pop(entry["key"], None)
-        self._entries[entry["key"]] = json.loads(line)
+        self._entries[entry["key"]] = json.loads(text)
 
 
 class ActivationStore:
@@ -183,9 +269,22 @@ class ActivationStore:
                 raise ValueError(f"{self.index_path}: corrupt activation-store index ({msg})") from None
             self._index = index
         shards = self.root / "shards"
+        self._clean_killed_writes(shards)
         files = [p.name for p in shards.glob("*.safetensors")] if shards.exists() else []
         stems = [f.split(".")[0] for f in files + [e["shard"] for e in self._index.values()]]
         self._next_shard = max((int(s) for s in stems if s.isdigit()), default=-1) + 1
+
+    def _clean_killed_writes(self, shards: Path) -> None:
+        """Remove what a killed `put` left: temp files, and a shard written before the index
+        that would have referenced it."""
+        clean_stale_temps([self.index_path])
+        if not shards.is_dir():
+            return
+        referenced = {e["shard"] for e in self._index.values()}
+        for p in shards.iterdir():
+            if p.is_file() and (p.name.endswith(".tmp") or
+                                p.suffix == ".safetensors" and p.name not in referenced):
+                p.unlink(missing_ok=True)
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -279,7 +378,8 @@ def streaming_mean(
     """Mean of tensor ``name`` over all keys, as a float64 running sum (constant memory).
 
     ``over=None``: each stored tensor is one sample (any shape, the same for every key).
-    ``over="rows"``: each stored tensor is ``[n, d]`` and every row of every key is a sample.
+    ``over="rows"``: each stored tensor is ``[..., d]`` (``[n, d]``, or the original scripts'
+    ``[1, N, d]`` caches, N differing between files) and every d-vector of every key is a sample.
     ``store_or_dir`` is an ActivationStore, its root, or a directory of legacy ``*.pt`` files.
     """
     if over not in (None, "rows"):
@@ -289,8 +389,11 @@ def streaming_mean(
     count = 0
     first_key = ""
     for key, t in _named_tensors(store_or_dir, name):
-        if over == "rows" and t.ndim != 2:
-            raise ValueError(f"key {key!r}: over='rows' needs a [n, d] tensor {name!r}, got shape {tuple(t.shape)}")
+        if over == "rows":
+            if t.ndim < 2:
+                raise ValueError(f"key {key!r}: over='rows' needs a [..., d] tensor {name!r} of at "
+                                 f"least 2 dimensions, got shape {tuple(t.shape)}")
+            t = t.reshape(-1, t.shape[-1])
         sample_shape = tuple(t.shape[1:]) if over == "rows" else tuple(t.shape)
         if total is not None and sample_shape != tuple(total.shape):
             raise ValueError(
