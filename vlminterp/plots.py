@@ -210,7 +210,7 @@ def line_plot(
         note = (notes or {}).get(name)
         label = f"{name} ({note})" if note else name
         if not np.isfinite(y).any():
-            label = f"{name}: {note or 'no data'}"
+            label = f"{name}: no data" + (f" ({note})" if note else "")
         (line,) = ax.plot(xs, y, marker="o" if xs.size <= 30 else None, markersize=3, label=label)
         if bands and name in bands:
             lo, hi = (_array(b, 1, f"bands[{name!r}]") for b in bands[name])
@@ -242,7 +242,7 @@ def bar_plot(
     """Bars with optional CI whiskers; ``errors = (lo, hi)`` are the interval bounds, not deltas.
 
     A bound on the wrong side of its value (possible with percentile bootstraps) is drawn as 0.
-    ``counts`` writes ``n=K`` under each bar; a bar without a value reads ``n/a`` or
+    ``counts`` adds ``(n=K)`` to each bar's label; a bar without a value reads ``n/a`` or
     ``notes[label]`` (why it is missing); an all-empty plot shows ``empty_note``.
     """
     vals = _array(values, 1, "bar_plot values")
@@ -264,13 +264,11 @@ def bar_plot(
     for i in np.flatnonzero(~np.isfinite(vals)):
         ax.text(i, 0, (notes or {}).get(labels[i], "n/a"), ha="center", va="bottom", color="0.4",
                 rotation=90 if (notes or {}).get(labels[i]) else 0, fontsize=8)
-    for i, n in enumerate(counts or []):
-        ax.annotate(f"n={n}", (i, 0), xytext=(0, 2), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=7, color="0.2")
     if not np.isfinite(vals).any():
         _note(ax, empty_note)
     long = max(map(len, labels), default=0) > 6 or vals.size > 8
-    ax.set_xticks(pos, [str(s) for s in labels], rotation=30 if long else 0, ha="right" if long else "center")
+    ticks = [str(s) if counts is None else f"{s} (n={counts[i]})" for i, s in enumerate(labels)]
+    ax.set_xticks(pos, ticks, rotation=30 if long else 0, ha="right" if long else "center")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)

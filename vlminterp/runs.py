@@ -9,6 +9,7 @@ resume flags (`NOT_RESULT_FLAGS`) are left out, so they can change between runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -85,6 +86,18 @@ def open_log(path, config: dict, *, restart: bool = False, retry_errors: bool = 
         raise RecipeError(str(e)) from None
     except (ValueError, OSError) as e:  # a corrupt line in the middle of the log
         raise RecipeError(f"{_first_line(e)}; pass --restart to discard the log") from None
+
+
+@contextlib.contextmanager
+def as_recipe_errors():
+    """Inside the block, a ValueError (a bad flag value, an unusable file) becomes a one-line
+    `RecipeError`: for a recipe's set-up, before the per-sample loop."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except ValueError as e:
+        raise RecipeError(_first_line(e)) from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -357,6 +357,13 @@ def _legacy_tensor(path: Path, name: str) -> Tensor:
     raise ValueError(f"{path}: expected a tensor or a dict with tensor {name!r}, got {type(obj).__name__}")
 
 
+def legacy_ndim(directory: str | os.PathLike, name: str) -> int | None:
+    """Dimensions of tensor ``name`` in the first legacy ``*.pt`` file of ``directory`` (None
+    when there is none)."""
+    first = next(iter(sorted(Path(directory).glob("*.pt"))), None)
+    return None if first is None else _legacy_tensor(first, name).ndim
+
+
 def _named_tensors(source: ActivationStore | str | os.PathLike, name: str) -> Iterator[tuple[str, Tensor]]:
     if isinstance(source, ActivationStore):
         store = source
