@@ -52,7 +52,7 @@ def test_crafted_result_is_refused_and_runs_nothing(tmp_path, form):
     payload = {"logits": torch.ones(2), "x": _WritesAFile()}
     data = {"zip": lambda: _saved(payload),
             "legacy": lambda: _saved(payload, _use_new_zipfile_serialization=False),
-            "raw pickle": lambda: pickle.dumps(payload)}[form]()
+            "raw pickle": lambda: pickle.dumps({"x": _WritesAFile()})}[form]()
     with pytest.raises(UnsafeResultError, match="refused to load builtins.getattr"):
         _backend().finalize(_compressed(data))
     with pytest.raises(UnsafeResultError):
