@@ -55,9 +55,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a fresh temp path beside ``path``, fsync it, then rename over ``path``."""
+    """Call ``write(tmp)`` on a fresh temp path beside ``path``, fsync it, then rename over ``path``.
+    Temp files an earlier, killed write of ``path`` left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps([path])
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by write(): umask perms
     try:
         write(tmp)
