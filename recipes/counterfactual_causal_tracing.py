@@ -21,7 +21,7 @@ from vlminterp.video.counterfactuals import make_counterfactuals
 from vlminterp.video.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
 from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError, add_video_args,
-                                    check_frame_args, check_output, final_line, load_video_model,
+                                    check_frame_args, check_run_args, final_line, load_video_model,
                                     logged_results, open_log, open_video_dataset, recipe_main,
                                     result_config, run_logged, sample_frames)
 from vlminterp.store import ActivationStore, write_json_atomic
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--batch_size, --num_frames and --limit must be positive")
         if args.min_total_effect < 0:
             raise ValueError(f"--min_total_effect: expected >= 0, got {args.min_total_effect}")
-        check_output(args.output)
+        check_run_args(args)
         log = open_log(args.output.with_suffix(".jsonl"), result_config(args, RESULT_FLAGS),
                        restart=args.restart, retry_errors=args.retry_errors,
                        outputs=[args.output, png, store_dir])

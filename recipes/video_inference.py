@@ -17,7 +17,7 @@ import argparse
 from vlminterp.video.generation import generate_response, response_option
 from vlminterp.video.multiple_choice import candidate_logprobs, mc_prompt, option_ids, option_scores
 from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError, add_video_args,
-                                    check_output, final_line, load_video_model, logged_results,
+                                    check_run_args, final_line, load_video_model, logged_results,
                                     open_log, open_video_dataset, recipe_main, result_config,
                                     run_logged, sample_frames)
 from vlminterp.store import write_json_atomic
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--scoring {args.scoring} cannot run with --remote (it calls the model "
                      "outside a trace); use --scoring letter")
     try:
-        check_output(args.output)
+        check_run_args(args)
         log = open_log(args.output.with_suffix(".jsonl"), result_config(args, RESULT_FLAGS),
                        restart=args.restart, retry_errors=args.retry_errors,
                        outputs=[args.output])

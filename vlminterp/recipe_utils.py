@@ -21,7 +21,7 @@ __all__ = ["RecipeError", "SampleError", "check_device", "check_output", "load_c
            "add_run_args", "final_line", "logged_results", "open_log", "recipe_main",
            "result_config", "run_logged", "add_video_args", "load_video_model",
            "exit_on_remote_error", "open_video_dataset", "check_frame_args", "run_resumable",
-           "sample_frames", "quiet_native_stderr", "VIDEO_RESULT_FLAGS"]
+           "sample_frames", "quiet_native_stderr", "VIDEO_RESULT_FLAGS", "check_run_args"]
 
 # Video flags that change a sample's records (each recipe adds its own).
 VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num_frames")
@@ -80,6 +80,14 @@ def load_video_model(args):
 
 
 exit_on_remote_error = recipe_main  # the older name
+
+
+def check_run_args(args) -> None:
+    """Before any work: ``--output`` is a writable file path and ``--device`` (local runs) a
+    device this machine has. Raises `RecipeError`."""
+    check_output(args.output)
+    if not getattr(args, "remote", False):
+        check_device(args.device)
 
 
 def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):
