@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.output.stem + "_representations")
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
-        if args.batch_size < 1 or args.num_frames < 1 or (args.limit or 1) < 1:
+        if min(args.batch_size, args.num_frames, 1 if args.limit is None else args.limit) < 1:
             raise ValueError("--batch_size, --num_frames and --limit must be positive")
         if args.min_total_effect < 0:
             raise ValueError(f"--min_total_effect: expected >= 0, got {args.min_total_effect}")

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("num_frames", "max_new_tokens", "limit"):
-        if (getattr(args, flag) or 1) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag}: expected a positive number, got {getattr(args, flag)}")
     if args.remote and args.scoring != "letter":
         parser.error(f"--scoring {args.scoring} cannot run with --remote (it calls the model "

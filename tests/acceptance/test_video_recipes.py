@@ -189,6 +189,7 @@ def test_bad_annotations_exit_2(recipe, content, message, tmp_path, capsys):
     (["--token_slice", "frames"], "is not understood"),
     (["--layers", "embed,9"], "beyond the model's 4 decoder layers"),
     (["--batch_size", "0"], "must be positive"),
+    (["--limit", "0"], "must be positive"),
 ])
 def test_bad_tracing_flags_exit_2(data, flags, message, tmp_path, capsys):
     line = run_bad(tracing_recipe, ["--annotations", str(data), "--output",
