@@ -6,6 +6,7 @@ import torch
 
 from ..tokens import ImageGeometry, ImageSpan, RowLayout, TokenLayout
 from .base import Family, ModelInputs
+from .layouts import to_pil
 
 RENAME = {"visual": "vision", "visual.transformer.resblocks": "visual.blocks"}
 
@@ -25,11 +26,10 @@ def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int) -
 
 def prepare(vlm, *, text, images, video, chat, answer_prefix, **kw) -> ModelInputs:
     from .common import as_list
-    from .qwen2_vl import _to_pil
 
     if text or video is not None:
         raise ValueError("clip: the vision encoder takes images only (text=/video= not used)")
-    pil = [_to_pil(im) for im in as_list(images, "images")]
+    pil = [to_pil(im) for im in as_list(images, "images")]
     if not pil:
         raise ValueError("images: expected at least one image")
     pixels = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
@@ -47,7 +47,7 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
         geo = crop_geometry(s, size, (size, size), patch)
         row = RowLayout(seq_len=n, text=torch.zeros(0, dtype=torch.long),
                         visual=torch.arange(1, n), last=n - 1, cls=0)
-        row.images.append(ImageSpan(torch.arange(1, n), geo))
+        row.images.append(ImageSpan.single(torch.arange(1, n), geo))
         rows.append(row)
     return TokenLayout(rows)
 
@@ -60,4 +60,5 @@ def load_pretrained(name: str, pretrained: str | None, *, device, dtype):
     return model, preprocess
 
 
-FAMILY = Family("clip", RENAME, prepare, layout)
+# open_clip models load through `_load_clip` (not an HF family: no entry in `FAMILIES`).
+CLIP = Family("clip", (), layout, prepare=prepare, rename=RENAME)
