@@ -47,6 +47,14 @@ def clean_and_counterfactual(vlm, seed=0):
     return vlm.prepare(text="What is this?", images=[random_image(seed), random_image(seed + 1)])
 
 
+def media_pair(vlm, kind: str, seed: int = 0):
+    """One batch of two rows with different media of ``kind`` ("image" or "video")."""
+    if kind == "video":
+        return vlm.prepare(text="Which direction does it move?",
+                           video=[random_video(seed), random_video(seed + 1)])
+    return vlm.prepare(text="What is this?", images=[random_image(seed), random_image(seed + 1)])
+
+
 @pytest.fixture(params=HF_FAMILIES)
 def hf_vlm(request):
     return tiny(request.param)

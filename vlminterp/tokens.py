@@ -114,13 +114,15 @@ class View:
     global view. ``positions[k]`` is the token of grid cell k in row-major order; ``separators``
     are this view's non-patch tokens (row newlines, column markers). ``geometry`` maps original
     pixels to the view's cells (None where a view's pixels do not come from a simple resize/crop
-    of the original)."""
+    of the original); ``source`` is the index of the view's pixel crop among the image's crops
+    in the processor's pixel tensor (None: the image has one)."""
 
     positions: torch.Tensor
     grid: tuple[int, int]
     geometry: ImageGeometry | None = None
     kind: str = "base"
     separators: torch.Tensor = field(default_factory=_empty)
+    source: int | None = None
 
     def __post_init__(self):
         rows, cols = self.grid
