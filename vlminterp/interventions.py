@@ -152,7 +152,7 @@ def expand_rows(vlm, rows=None, *, carry=()) -> None:
         first = 0 if after == "embed" else int(after) + 1
         dst_idx, pos = _rows(dst, len(idx)), _index(positions)
         for value in dense.values():  # [batch, seq, layer, ...]: layer j enters at layer j
-            part = value[src, pos, first:]
+            part = value[src, pos, first:].clone()
             dst_cells = _cells(value, dst_idx, pos)
             value[dst_cells[0], dst_cells[1], first:] = part.unsqueeze(0).expand(
                 len(dst_idx), *part.shape)
