@@ -57,13 +57,14 @@ def family(name_or_model_type: str) -> Family:
 
 def load(model_id: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          seed: int = 0, attn_implementation: str | None = None, device_map=None,
-         quantization: str | None = None) -> VLM:
+         quantization: str | None = None, **from_pretrained) -> VLM:
     """Load a model and wrap it in nnsight with the standard names (see `VLM`).
 
     Hub ids and local directories go through ``from_pretrained`` with ``dtype`` (default: the
     checkpoint's), ``device_map`` (``"auto"`` or a dict, via accelerate; then ``device`` is not
     used), ``quantization`` (``"8bit"`` / ``"4bit"`` via bitsandbytes) and
-    ``attn_implementation``."""
+    ``attn_implementation``; other keyword arguments (``offload_folder``, ``revision``, ...)
+    go to ``from_pretrained`` as they are."""
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
     if quantization not in QUANTIZATION:
@@ -77,7 +78,8 @@ def load(model_id: str, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         model, processor = _from_pretrained(model_id, device=device, dtype=dtype,
                                             device_map=device_map, quantization=quantization,
-                                            attn_implementation=attn_implementation)
+                                            attn_implementation=attn_implementation,
+                                            **from_pretrained)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     return wrap(model, processor, model_id, fam)
@@ -115,10 +117,11 @@ def _family_or_error(model_id: str, model_type, where: str) -> Family:
         raise ValueError(f"model_id {model_id!r}: {e} (read from {where})") from None
 
 
-def _from_pretrained(model_id, *, device, dtype, device_map, quantization, attn_implementation):
+def _from_pretrained(model_id, *, device, dtype, device_map, quantization, attn_implementation,
+                     **extra):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs = {"dtype": dtype or "auto", "output_loading_info": True}
+    kwargs = {"dtype": dtype or "auto", "output_loading_info": True, **extra}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if quantization is not None:

@@ -72,11 +72,17 @@ def _check(b, pos, grid, merge):
                          f"{t * (h // merge) * (w // merge)}")
 
 
+# Frames are given pre-sampled (no processor-side resampling), with the reference
+# implementation's (qwen-vl-utils) per-frame pixel cap chosen explicitly: transformers 5.24
+# warns that its default will change to it.
+VIDEO_KWARGS = {"cap_pixels_per_frame": True, "do_sample_frames": False}
+_COMMON = dict(layout=layout, modalities=("image", "video"), image_token="<|image_pad|>",
+               video_token="<|video_pad|>", video_kwargs=VIDEO_KWARGS)
 FAMILIES = [
-    Family("qwen2_vl", ("qwen2_vl",), layout, modalities=("image", "video"),
+    Family("qwen2_vl", ("qwen2_vl",),
            tiny={"tiny-qwen2-vl": lambda seed: tiny.build_qwen2_vl(seed, version="2")},
-           image_token="<|image_pad|>", video_token="<|video_pad|>"),
-    Family("qwen2_5_vl", ("qwen2_5_vl",), layout, modalities=("image", "video"),
+           **_COMMON),
+    Family("qwen2_5_vl", ("qwen2_5_vl",),
            tiny={"tiny-qwen2.5-vl": lambda seed: tiny.build_qwen2_vl(seed, version="2.5")},
-           image_token="<|image_pad|>", video_token="<|video_pad|>"),
+           **_COMMON),
 ]

@@ -13,7 +13,7 @@ from ..tokens import TokenLayout, VideoSpan
 from . import tiny
 from .base import Family, ModelInputs
 from .layouts import finish_row, positions_of, prepare as generic_prepare, visual_runs
-from .qwen2_vl import _check, image_view, video_groups
+from .qwen2_vl import VIDEO_KWARGS, _check, image_view, video_groups
 
 
 class Deepstack:
@@ -133,7 +133,7 @@ def build_tiny(seed: int = 0, moe: bool = False):
 _COMMON = dict(layout=layout, prepare=prepare, modalities=("image", "video"),
                image_token="<|image_pad|>", video_token="<|video_pad|>",
                visual_entry="deepstack", late_inputs=Deepstack(),
-               video_kwargs={"cap_pixels_per_frame": True, "do_sample_frames": False})
+               video_kwargs=VIDEO_KWARGS)
 FAMILIES = [
     Family("qwen3_vl", ("qwen3_vl",), tiny={"tiny-qwen3-vl": build_tiny}, **_COMMON),
     Family("qwen3_vl_moe", ("qwen3_vl_moe",),
