@@ -132,6 +132,6 @@ def test_load_frames_samples_within_the_time_window(tmp_path):
     assert windowed.shape == (3, 16, 16, 3)
     np.testing.assert_allclose(windowed.mean(axis=(1, 2, 3)), [120, 150, 180], atol=3)  # frames 8, 10, 12
     whole = dataset.load_frames(dataset[1])
-    np.testing.assert_allclose(whole.mean(axis=(1, 2, 3)), [0, 120, 225], atol=3)  # frames 0, 8 (7.5 rounds to even), 15
+    np.testing.assert_allclose(whole.mean(axis=(1, 2, 3)), [0, 105, 225], atol=3)  # frames 0, 7 (7.5 truncates), 15
     with pytest.raises(FileNotFoundError, match="no.mp4"):
         dataset.load_frames(dataset[2])
