@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
             question_id=s.question_id)
         for condition, tensors in reps.items():
             store.put(f"{s.question_id}/{condition}", tensors, meta={
-                "question_id": s.question_id, "condition": condition, "video_name": s.video_name,
-                "task_name": s.task_name, "answer": s.answer, **s.extra})
+                **s.scalar_extra(), "question_id": s.question_id, "condition": condition,
+                "video_name": s.video_name, "task_name": s.task_name, "answer": s.answer})
         return records
 
     records, errors = run_resumable(list(data), args.output.with_suffix(".jsonl"), trace,
