@@ -60,7 +60,8 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
         for chunk in row.visual.split(side * side):
             size = next(sizes)
             geo = crop_geometry(size, ip.size["shortest_edge"],
-                                (ip.crop_size["width"], ip.crop_size["height"]), patch)
+                                (ip.crop_size["width"], ip.crop_size["height"]), patch,
+                                rounding="floor")
             row.images.append(ImageSpan(chunk, geo))
         rows.append(row)
     return TokenLayout(rows)
