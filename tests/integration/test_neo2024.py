@@ -66,6 +66,11 @@ def test_per_image_questions(tmp_path, data):
     path.write_text('{"1": 3}')
     with pytest.raises(SystemExit, match=r"q.json: \['1'\]: expected a question string"):
         neo.load_questions(path)
+    # the original's clean_questions.json: every image id -> a list of 0 or 1 questions
+    path.write_text('{"1": [], "2": ["What is the person holding?"], "3": []}')
+    questions = neo.load_questions(path)
+    assert questions == {"2": "What is the person holding?"}
+    assert [neo.question_for(questions, s) for s in samples] == [None, "What is the person holding?", None]
 
 
 def test_first_token_rule(llava):

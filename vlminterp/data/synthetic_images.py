@@ -2,7 +2,7 @@
 
 Each category is drawn as its own shape and colour on a textured grey background (cat = orange
 disc, dog = brown triangle, car = red wide rectangle, bus = yellow tall rectangle). Every image
-holds one target object whose area is in [1000, 2000] px² and up to two distractors of other
+holds one target object whose area is between 1100 and 1900 px², first in the file, and up to two distractors of other
 categories, so the set passes Neo et al.'s curation filter (`coco.CocoObjects.samples`) by
 construction and the recipes run offline (``--synthetic N``). Segmentation polygons are the
 drawn shapes' outlines; ``area`` is the polygon's area.
