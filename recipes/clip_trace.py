@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 import vlminterp
-from vlminterp.circuits import TraceWriter, capture_batch, check_layers, clip_model_id, image_source, pretrained_tag
+from vlminterp.circuits import (TraceWriter, capture_batch, check_layers, clip_model_id, image_source,
+                                pretrained_tag)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ Sources (keys): obj_b0/obj_b1/obj_b2 (object cells with 0/1/2 buffer rings), ima
 visual. Targets (queries): last (the answer position), last_row (the image's bottom row of
 tokens), text (text after the image, the last position excluded). As in the original, every
 (target, source) pair is cut, a position from itself included when it is both (last_row and the
-object cells overlap); --knockout_pairs no_self keeps that self-attention. Layer sets: the original's early 0-9, mid 11-20, late 21-31, early_mid 5-14, mid_late
-15-24 and all (scaled from 32 layers to the model's depth) and windows of --window layers.
+object cells overlap); --knockout_pairs no_self keeps that self-attention. Layer sets: the
+original's early 0-9, mid 11-20, late 21-31, early_mid 5-14, mid_late 15-24 and all (scaled
+from 32 layers to the model's depth) and windows of --window layers.
 Writes the JSON, <stem>.jsonl (per-image log, reruns resume), <stem>.png (answer-probability
 change per window, target --plot_target) and <stem>_groups.png (accuracy per layer group).
 

@@ -29,8 +29,8 @@ from .causal import (ClusterIntervention, TargetEdgeEffect, cluster_intervention
 from .cluster import GateClusters, cluster_gates
 from .fit import PrototypeAccumulator, PrototypeFit, ReconstructionScore, fit_prototypes, mse_r2, reconstruct
 from .paths import CircuitPath, group_paths, save_head_heatmaps, token_names, top_k_paths
-from .trace import (attention_logits, attention_logits_of, capture_batch, check_layers, clip_model_id, pretrained_tag,
-                    image_source, synthetic_image)
+from .trace import (attention_logits, attention_logits_of, capture_batch, check_layers, clip_model_id,
+                    image_source, pretrained_tag, synthetic_image)
 
 _SUFFIXES = {".json", ".safetensors", ".pt", ".pth"}
 

@@ -157,13 +157,15 @@ def _answer_index(entry: dict) -> tuple[int | None, list[str], str | None]:
         if not matches:
             return None, [f"answer {answer!r} matches no candidate, but answer_number {number} is "
                           f"{candidates[number]!r}"], None
-        return None, [f"answer {answer!r} is candidate {_listed(matches)} but answer_number is {number}"], None
+        return None, [f"answer {answer!r} is candidate {_listed(matches)} but answer_number is "
+                      f"{number}"], None
     if len(matches) == 1:
         return matches[0], [], out_of_range if number is not None else None
     if matches:
         return None, [f"answer {answer!r} matches candidates {_listed(matches)} ({rule} match); add "
                       f"answer_number to choose"], None
-    return None, [f"answer {answer!r} is not among candidates"] + ([out_of_range] if number is not None else []), None
+    unmatched = [f"answer {answer!r} is not among candidates"]
+    return None, unmatched + ([out_of_range] if number is not None else []), None
 
 
 def _listed(indices: list[int]) -> str:
