@@ -11,15 +11,24 @@ from .layouts import to_pil
 RENAME = {"visual": "vision", "visual.transformer.resblocks": "visual.blocks"}
 
 
-def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int) -> ImageGeometry:
-    """Resize-shortest-edge then centre-crop, as CLIPImageProcessor and open_clip do."""
+def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int,
+                  rounding: str = "round") -> ImageGeometry:
+    """Resize-shortest-edge then centre-crop. The crop offset (resized - crop) / 2 is rounded
+    half to even by open_clip / torchvision (``rounding="round"``) and floored by HF's
+    CLIPImageProcessor, which LLaVA uses (``"floor"``); they differ when it ends in .5 and
+    rounds up, i.e. (resized - crop) % 4 == 3."""
+    if rounding not in ("round", "floor"):
+        raise ValueError(f"rounding {rounding!r}: expected 'round' or 'floor'")
     w, h = size
     if w <= h:
         rw, rh = shortest_edge, int(shortest_edge * h / w)
     else:
         rw, rh = int(shortest_edge * w / h), shortest_edge
     cw, ch = crop
-    left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
+    if rounding == "floor":
+        left, top = (rw - cw) // 2, (rh - ch) // 2
+    else:
+        left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
     return ImageGeometry((w, h), (rw, rh), (left, top, left + cw, top + ch), patch,
                          (ch // patch, cw // patch))
 

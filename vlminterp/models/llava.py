@@ -25,7 +25,8 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
         for start, stop, _ in visual_runs(ids, (cfg.image_token_id,)):
             for chunk in torch.arange(start, stop).split(side * side):
                 geo = crop_geometry(next(sizes), ip.size["shortest_edge"],
-                                    (ip.crop_size["width"], ip.crop_size["height"]), patch)
+                                    (ip.crop_size["width"], ip.crop_size["height"]), patch,
+                                    rounding="floor")  # HF's CLIPImageProcessor floors
                 images.append(ImageSpan.single(chunk, geo))
         rows.append(finish_row(inputs, b, images))
     return TokenLayout(rows)
