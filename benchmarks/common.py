@@ -350,7 +350,7 @@ def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vi
         image_processor=Qwen2VLImageProcessor(**kw),
         video_processor=Qwen2VLVideoProcessor(do_sample_frames=False, **kw),
         tokenizer=tok, chat_template=tiny.QWEN_CHAT_TEMPLATE)
-    return wrap(model, processor, "qwen2-vl-2b-4layers", "2"), plain
+    return wrap(model, processor, "qwen2-vl-2b-4layers", "qwen2_vl"), plain
 
 
 def tiny_plain(model_id: str, device: str = "cpu"):

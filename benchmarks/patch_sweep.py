@@ -52,7 +52,7 @@ def tiny_8_layers(device: str):
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).eval().to(device)
     plain = copy.deepcopy(model)
-    return wrap(model, processor, "tiny-qwen2-vl-8layers", "2"), plain
+    return wrap(model, processor, "tiny-qwen2-vl-8layers", "qwen2_vl"), plain
 
 
 def library_sweep(vlm, clean, cfs, prompt, ids, layers, spans, batch_size):

@@ -1,8 +1,8 @@
 """Step 5 of the CLIP circuit pipeline: ablate / inject each cluster's prototype (no model re-run).
 
 Per cluster k: ablation_effect = mean |Δ| on k's rows when prototypes[k] = 0; injection_effect =
-mean |Δ| on the other rows when they are overwritten with prototypes[k]; one-sided permutation
-p-values of in- vs out-of-cluster row effects, (ge+1)/(P+1). Records sorted by ablation_effect.
+mean |Δ| on the other rows when they are overwritten with prototypes[k]; the original's one-sided
+p-values (draws of comparison rows, (ge+1)/(P+1)). Records sorted by ablation_effect.
 Output: JSON at ``--out`` (features_file, fit_file, max_clusters, num_permutations, seed, effects).
 Definitions (and what the p-values test): `vlminterp.circuits.causal`. Example:
   python -m recipes.clip_causal --features runs/features --fit runs/fit --out runs/causal.json

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import torch
+
 from vlminterp.checks import check_device, check_output, load_checked
 from vlminterp.circuits import (TraceWriter, artifact_paths, capture_batch, check_layers, clip_model_id,
-                                image_source)
+                                image_source, pretrained_tag)
 from vlminterp.runs import final_line
 
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per traced forward and per shard (default: 32)")
     p.add_argument("--continuous-gate", action="store_true",
                    help="also store the GELU output itself as ffn_act_l [B,N,D_ffn] float32")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic images (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic images and of random-init "
+                   "weights (tiny-clip-vit, --pretrained none), so a rerun traces the same model (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", type=Path, required=True, help="output stem: writes <stem>.json and <stem>.shards/")
     return p
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_output(artifact_paths(args.out).json, "--out")
         device = check_device(args.device)
-        vlm = load_checked(clip_model_id(args.model, args.pretrained), device=device)
+        torch.manual_seed(args.seed)  # open_clip's random init draws from torch's global generator
+        vlm = load_checked(clip_model_id(args.model, args.pretrained), device=device, seed=args.seed)
         check_layers(len(vlm.vision.blocks), layer, next_layer, model=args.model)
         ids, load = image_source(imagenet_root=args.imagenet_root, split=args.split,
                                  image_folder=args.image_folder, synthetic=args.synthetic,
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         source = ("synthetic" if args.synthetic is not None else
                   "image_folder" if args.image_folder is not None else f"imagenet:{args.split}")
         writer = TraceWriter(args.out, {"layer": layer, "next_layer": next_layer, "model": args.model,
-                                        "pretrained": args.pretrained, "source": source})
+                                        "pretrained": pretrained_tag(args.model, args.pretrained),
+                                        "seed": args.seed, "source": source})
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     for start in tqdm(range(0, len(ids), args.batch_size), desc="trace", unit="batch"):

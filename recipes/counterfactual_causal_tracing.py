@@ -27,7 +27,8 @@ from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError
 from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
-                                     "dump_representations", "layers", "direction")
+                                     "dump_representations", "layers", "direction", "vprime_n",
+                                     "vprime_d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
       "'none' skips local_swap (default: 0:2,2:4)")
     a("--include_motion_only", action="store_true", help="also trace the motion_only "
       "counterfactual (frame 0, then |f_t - f_t-1|)")
-    a("--dump_representations", action="store_true", help="store inputs_mean, visual_mean, "
-      "layers_mean, vprime of the clean and each counterfactual run (safetensors + JSON index)")
+    a("--dump_representations", action="store_true", help="store inputs_mean and layers_mean "
+      "(means over --token_slice of the LM input / each layer's output), visual_mean (mean LM "
+      "input over the visual tokens) and vprime of the clean and each counterfactual run "
+      "(safetensors + JSON index)")
+    a("--vprime_n", type=int, default=ct.VPRIME_SHAPE[0], help="vprime rows: the visual tokens "
+      f"are resized to vprime_n x vprime_d (default: {ct.VPRIME_SHAPE[0]})")
+    a("--vprime_d", type=int, default=ct.VPRIME_SHAPE[1], help="vprime columns: the hidden size "
+      f"is resized to this (default: {ct.VPRIME_SHAPE[1]}, as the original)")
     a("--layers", default="all", help="'all' (embed + every decoder layer) or e.g. 'embed,0,4:8' "
       "(default: all)")
     a("--batch_size", type=int, default=8, help="patched conditions per forward; each forward "
@@ -68,8 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.output.stem + "_representations")
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
-        if min(args.batch_size, args.num_frames, 1 if args.limit is None else args.limit) < 1:
-            raise ValueError("--batch_size, --num_frames and --limit must be positive")
+        if min(args.batch_size, args.num_frames, args.vprime_n, args.vprime_d,
+               1 if args.limit is None else args.limit) < 1:
+            raise ValueError("--batch_size, --num_frames, --vprime_n, --vprime_d and --limit must "
+                             "be positive")
         if args.min_total_effect < 0:
             raise ValueError(f"--min_total_effect: expected >= 0, got {args.min_total_effect}")
         check_run_args(args)
@@ -97,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
             mc_prompt(s.question, s.candidates), option_ids(vlm, len(s.candidates)),
             s.answer_index, token_slice=str(sl), layers=layers, direction=args.direction,
             swap_spans=spans, batch_size=args.batch_size, dump=store is not None,
-            question_id=s.question_id)
+            question_id=s.question_id, vprime_shape=(args.vprime_n, args.vprime_d))
         for condition, tensors in reps.items():
             store.put(f"{s.question_id}/{condition}", tensors, meta={
-                "question_id": s.question_id, "condition": condition, "video_name": s.video_name,
-                "task_name": s.task_name, "answer": s.answer, **s.extra})
+                **s.scalar_extra(), "question_id": s.question_id, "condition": condition,
+                "video_name": s.video_name, "task_name": s.task_name, "answer": s.answer})
         return records
 
     samples = list(data)[:args.limit]

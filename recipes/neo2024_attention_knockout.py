@@ -3,9 +3,11 @@ groups of layers and sliding windows, and measure the object identification answ
 
 Sources (keys): obj_b0/obj_b1/obj_b2 (object cells with 0/1/2 buffer rings), image_minus_obj_b1,
 visual. Targets (queries): last (the answer position), last_row (the image's bottom row of
-tokens), text (text after the image, the last position excluded); targets are never their own
-sources. Layer sets: the original's early 0-9, mid 11-20, late 21-31, early_mid 5-14, mid_late
-15-24 and all (scaled from 32 layers to the model's depth) and windows of --window layers.
+tokens), text (text after the image, the last position excluded). As in the original, every
+(target, source) pair is cut, a position from itself included when it is both (last_row and the
+object cells overlap); --knockout_pairs no_self keeps that self-attention. Layer sets: the
+original's early 0-9, mid 11-20, late 21-31, early_mid 5-14, mid_late 15-24 and all (scaled
+from 32 layers to the model's depth) and windows of --window layers.
 Writes the JSON, <stem>.jsonl (per-image log, reruns resume), <stem>.png (answer-probability
 change per window, target --plot_target) and <stem>_groups.png (accuracy per layer group).
 
@@ -28,7 +30,8 @@ from vlminterp.neo2024.cli import open_results_log, results
 from vlminterp.runs import as_recipe_errors, final_line, recipe_main
 from vlminterp.store import write_json_atomic
 
-RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups")
+RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups",
+                                      "knockout_pairs")
 
 SOURCES = ("obj_b0", "obj_b1", "obj_b2", "image_minus_obj_b1", "visual")
 TARGETS = ("last", "last_row", "text")
@@ -52,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window width in layers (default: 9 of 32, scaled to the depth)")
     p.add_argument("--no_groups", action="store_true", help="sliding windows only, no layer groups")
+    p.add_argument("--knockout_pairs", choices=neo.PAIRS, default="product",
+                   help="edges a (source, target) set cuts: product = every target from every source, "
+                        "a position from itself included where the sets overlap (the original's); "
+                        "no_self = the same but each position keeps attending to itself "
+                        "(default: product)")
     p.add_argument("--plot_target", default="last", choices=TARGETS,
                    help="target whose window curves are plotted (default: last)")
     return p
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     neo.run_samples(samples, log, "attention knockout", lambda s: neo.attention_knockout(
         vlm, coco.load_image(s), s, window=args.window, groups=not args.no_groups,
         sources=sources, targets=targets, batch_size=args.batch_size, keep_all=args.keep_all,
-        use_polygons=not args.use_boxes, question=neo.question_for(questions, s)))
+        use_polygons=not args.use_boxes, question=neo.question_for(questions, s),
+        pairs=args.knockout_pairs))
     records, errors = results(samples, log)
     summary = neo.summarize_knockout(records, args.seed)
     pngs = neo.plot_knockout(summary, args.plot_target, stem, vlm.model_id)

@@ -21,6 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .models.base import Site
+
 Positions = Int[Tensor, "_pos"] | Sequence[int] | slice | None
 
 
@@ -34,7 +36,10 @@ def site_tensor(site, at: str = "output") -> Tensor:
     """The tensor an intervention edits in place: the site's output, or (``at="input"``) its
     first input. ``vlm.layers[0]`` with ``at="input"`` is the language model's input *after*
     the visual features are merged in — ``vlm.embed``'s output is overwritten at the visual
-    positions, so editing it there does nothing."""
+    positions, so editing it there does nothing. A `Site` (``vlm.residual(i)``) carries its
+    own side."""
+    if isinstance(site, Site):
+        site, at = site.envoy, site.at
     if at == "output":
         return output_tensor(site)
     if at == "input":
@@ -121,27 +126,53 @@ def add_vector(site, vector: Float[Tensor, "d"], positions: Positions = None,
     h[idx] = h[idx] + alpha * vector.to(device=h.device, dtype=h.dtype)
 
 
-def expand_rows(vlm, rows) -> None:
-    """Run the language model on ``rows`` of the batch (rows may repeat; first thing in the
-    trace after the vision tower, before any decoder layer is read). The vision tower and
-    projector run once per input row, so k patched copies of a counterfactual cost k extra
-    language-model rows, not k extra vision passes. Batch row i is input row ``rows[i]``
-    from here on (``lm_head.output`` has ``len(rows)`` rows)."""
+def expand_rows(vlm, rows=None, *, carry=()) -> None:
+    """Run the language model on ``rows`` of the batch (rows may repeat; ``None``: keep the
+    batch). Call it first in the trace, after the vision tower and before any decoder layer is
+    read. The vision tower and projector run once per input row, so k patched copies of a
+    counterfactual cost k extra language-model rows, not k extra vision passes. Batch row i is
+    input row ``rows[i]`` from here on (``lm_head.output`` has ``len(rows)`` rows).
+
+    ``carry``: ``[(src_row, dst_rows, positions, after_layer)]`` in the new rows. On families
+    whose visual features also enter the LM *after* its input (Qwen3-VL's deepstack), copy
+    those later inputs at ``positions`` from ``src_row`` to ``dst_rows`` for every layer after
+    ``after_layer`` (``"embed"``: all of them) — with a patch of ``vlm.residual(after_layer)``
+    at the same positions, the destination then runs exactly as the source. A no-op on other
+    families. (`Family.late_inputs` turns those inputs into dense ``[batch, seq, layer, ...]``
+    tensors and back.)"""
     args, kwargs = vlm.lm.inputs
+    late = vlm.family.late_inputs
+    dense = late.to_dense(kwargs) if late is not None else {}
     batch = kwargs["inputs_embeds"].shape[0]
-    idx = torch.as_tensor(rows, dtype=torch.long)
-    new = {}
-    for key, value in kwargs.items():
-        if not isinstance(value, Tensor) or value.ndim == 0:
-            new[key] = value
-        elif key == "position_ids" and value.ndim == 3:  # Qwen's M-RoPE ids: [3, batch, seq]
-            new[key] = value[:, idx.to(value.device)]
-        elif value.shape[0] == batch:
-            new[key] = value[idx.to(value.device)]
-        else:
-            raise ValueError(f"expand_rows: cannot index language-model input {key!r} "
-                             f"of shape {tuple(value.shape)} by batch row")
+    idx = torch.arange(batch) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    new = {key: _take_rows(key, value, idx, batch) for key, value in kwargs.items()
+           if key not in dense}
+    dense = {key: value[idx.to(value.device)] for key, value in dense.items()}
+    for src, dst, positions, after in carry:
+        first = 0 if after == "embed" else int(after) + 1
+        dst_idx, pos = _rows(dst, len(idx)), _index(positions)
+        for value in dense.values():  # [batch, seq, layer, ...]: layer j enters at layer j
+            part = value[src, pos, first:].clone()
+            dst_cells = _cells(value, dst_idx, pos)
+            value[dst_cells[0], dst_cells[1], first:] = part.unsqueeze(0).expand(
+                len(dst_idx), *part.shape)
+    if late is not None:
+        new.update(late.from_dense(new, dense))
     vlm.lm.inputs = (args, new)
+
+
+def _take_rows(key: str, value, idx: Tensor, batch: int):
+    """A language-model input restricted to batch rows ``idx`` (dicts of masks recursively)."""
+    if isinstance(value, dict):
+        return {k: _take_rows(key, v, idx, batch) for k, v in value.items()}
+    if not isinstance(value, Tensor) or value.ndim == 0:
+        return value
+    if key == "position_ids" and value.ndim == 3:  # Qwen's M-RoPE ids: [3 or 4, batch, seq]
+        return value[:, idx.to(value.device)]
+    if value.shape[0] == batch:
+        return value[idx.to(value.device)]
+    raise ValueError(f"expand_rows: cannot index language-model input {key!r} of shape "
+                     f"{tuple(value.shape)} by batch row")
 
 
 def knockout_attention(vlm, sources: Positions, targets: Positions, layers, rows=None) -> None:
@@ -168,6 +199,7 @@ def knockout_attention_rows(vlm, blocks) -> None:
     for rows, src, tgt, layers in blocks:
         for layer in layers:
             by_layer.setdefault(int(layer), []).append((rows, _index(src), _index(tgt)))
+    check_attention_layers(vlm, by_layer, "knockout_attention")
     for layer in sorted(by_layer):
         attn = vlm.layers[layer].self_attn
         args, kwargs = attn.inputs
@@ -180,6 +212,19 @@ def knockout_attention_rows(vlm, blocks) -> None:
                 mask[b[:, None, None], 0, tgt.to(mask.device)[None, :, None],
                      src.to(mask.device)[None, None, :]] = lowest
         attn.inputs = (args, {**kwargs, "attention_mask": mask})
+
+
+def check_attention_layers(vlm, layers, what: str) -> None:
+    """One-line error for a layer without softmax attention (see `VLM.attention_layers`)."""
+    allowed = set(vlm.attention_layers)
+    for layer in layers:
+        if int(layer) % vlm.n_layers not in allowed:
+            module = vlm.layers[int(layer)]._module
+            kind = next((f"{name} ({type(child).__name__})" for name, child
+                         in module.named_children() if "attn" in name or "mixer" in name),
+                        type(module).__name__)
+            raise ValueError(f"{what}: layer {layer} has no softmax attention (its token mixer "
+                             f"is {kind}); attention layers: {sorted(allowed)}")
 
 
 def additive_mask(mask: Tensor | None, hidden: Float[Tensor, "batch q d"]) -> Tensor:

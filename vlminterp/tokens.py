@@ -3,12 +3,18 @@
 `TokenLayout` is built from a prepared batch (``vlm.layout(inputs)``). `TokenSlice` parses
 the position specs recipes take on the command line::
 
-    all | text | visual | last | visual_frames:a:b | positions:i,j,k
+    all | text | markers | visual | last | visual_frames:a:b | positions:i,j,k
 
-``visual_frames:a:b`` is half-open over *input* frames. Qwen2-VL merges
-``temporal_patch`` consecutive frames into one token group, so frame f lives in group
-``f // temporal_patch``; a span that cuts a group selects the whole group and says so
-(`FrameSpan.exact` is False and `FrameSpan.frames` names the frames really covered).
+Layout v2, per batch row: images are `ImageSpan`s made of `View`s (a base/thumbnail view plus
+tiles, each with its grid and pixel geometry, so a box maps through the real processor into
+every view); videos are `VideoSpan`s made of temporal `Group`s, each with the real range of
+input frames the processor put into it (Qwen-style families merge 2 frames per group,
+LLaVA-NeXT-Video one frame per group, ...). Separators and markers (row newlines, ``<img>``,
+timestamps) are kept apart from patch tokens (``row.markers``, a subset of ``row.text``).
+
+``visual_frames:a:b`` is half-open over *input* frames; a span that cuts a group selects the
+whole group and says so (`FrameSpan.exact` is False and `FrameSpan.frames` names the frames
+really covered) rather than silently rounding or skipping.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-_SLICE_HELP = ("allowed: 'all', 'text', 'visual', 'last', 'visual_frames:a:b' (half-open input "
-               "frames, a < b), 'positions:i,j,k'")
+_SLICE_HELP = ("allowed: 'all', 'text', 'markers', 'visual', 'last', 'visual_frames:a:b' "
+               "(half-open input frames, a < b), 'positions:i,j,k'")
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class TokenSlice:
         if not isinstance(spec, str):
             raise ValueError(f"token slice {spec!r}: expected a string; {_SLICE_HELP}")
         s = spec.strip()
-        if s in ("all", "text", "visual", "last"):
+        if s in ("all", "text", "markers", "visual", "last"):
             return cls(s)
         m = re.fullmatch(r"visual_frames:(\d+):(\d+)", s)
         if m:
@@ -95,63 +101,157 @@ class ImageGeometry:
         return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
 
 
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _empty() -> torch.Tensor:
+    return _EMPTY.clone()
+
+
 @dataclass
-class ImageSpan:
-    """One image's tokens: ``positions[k]`` is the token of grid cell ``cells[k]``."""
+class View:
+    """One grid of patch tokens of an image: the base view, a tile/crop/slice, a thumbnail or
+    global view. ``positions[k]`` is the token of grid cell k in row-major order; ``separators``
+    are this view's non-patch tokens (row newlines, column markers). ``geometry`` maps original
+    pixels to the view's cells (None where a view's pixels do not come from a simple resize/crop
+    of the original); ``source`` is the index of the view's pixel crop among the image's crops
+    in the processor's pixel tensor (None: the image has one)."""
 
     positions: torch.Tensor
-    geometry: ImageGeometry
+    grid: tuple[int, int]
+    geometry: ImageGeometry | None = None
+    kind: str = "base"
+    separators: torch.Tensor = field(default_factory=_empty)
+    source: int | None = None
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.geometry.grid
+    def __post_init__(self):
+        rows, cols = self.grid
+        if len(self.positions) != rows * cols:
+            raise ValueError(f"{self.kind} view: {len(self.positions)} positions for a "
+                             f"{rows}x{cols} grid")
 
     def cell_positions(self, cells) -> torch.Tensor:
         cols = self.grid[1]
         idx = torch.tensor([r * cols + c for r, c in cells], dtype=torch.long)
-        return self.positions[idx] if len(idx) else idx
+        return self.positions[idx] if len(idx) else _empty()
 
     def box_positions(self, box, buffer: int = 0) -> torch.Tensor:
-        """Token positions of the cells a pixel box overlaps (see `ImageGeometry.box_cells`)."""
+        if self.geometry is None:
+            return _empty()
         return self.cell_positions(self.geometry.box_cells(box, buffer))
+
+
+@dataclass
+class ImageSpan:
+    """One image's tokens as one or more `View`s (LLaVA-1.5: one; anyres/tiling families: a base
+    or thumbnail view plus tiles) and its ``markers`` (``<img>``, ``</img>``, vision start/end)."""
+
+    views: list[View]
+    markers: torch.Tensor = field(default_factory=_empty)
+
+    @classmethod
+    def single(cls, positions: torch.Tensor, geometry: ImageGeometry) -> "ImageSpan":
+        return cls([View(positions, geometry.grid, geometry)])
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Every patch token of the image (all views, separators and markers excluded)."""
+        return torch.cat([v.positions for v in self.views])
+
+    @property
+    def separators(self) -> torch.Tensor:
+        return torch.cat([_empty()] + [v.separators for v in self.views])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.views[0].grid
+
+    @property
+    def geometry(self) -> ImageGeometry | None:
+        return self.views[0].geometry
+
+    def cell_positions(self, cells) -> torch.Tensor:
+        """Positions of grid cells of the first (base) view."""
+        return self.views[0].cell_positions(cells)
+
+    def box_positions(self, box, buffer: int = 0) -> torch.Tensor:
+        """Sorted token positions, over every view with a pixel geometry, of the cells a pixel
+        box of the original image overlaps (see `ImageGeometry.box_cells`)."""
+        found = torch.cat([_empty()] + [v.box_positions(box, buffer) for v in self.views])
+        return torch.unique(found)
 
 
 @dataclass(frozen=True)
 class FrameSpan:
     positions: torch.Tensor
     groups: tuple[int, ...]
-    frames: tuple[int, int]  # the input frames the selected groups really hold
-    exact: bool
+    frames: tuple[int, int]  # the input frames the selected groups really hold (lowest, highest+1)
+    exact: bool              # the selected groups hold exactly the requested frames
+
+
+@dataclass
+class Group:
+    """One temporal group of a video's tokens: ``frames`` is the half-open range of *input*
+    frames (as given to `VLM.prepare`) whose pixels reach these positions, taken from the
+    processor's outputs; ``grid`` its spatial token grid; ``cls`` per-frame class tokens."""
+
+    positions: torch.Tensor
+    frames: tuple[int, int]
+    grid: tuple[int, int] | None = None
+    cls: torch.Tensor = field(default_factory=_empty)
+
+    @property
+    def all_positions(self) -> torch.Tensor:
+        return torch.cat([self.positions, self.cls]) if len(self.cls) else self.positions
 
 
 @dataclass
 class VideoSpan:
-    """One video's tokens: ``groups[g]`` holds the positions of temporal group g."""
+    """One video's tokens: ``groups[g]`` is temporal group g; ``markers`` the video's non-patch
+    tokens (timestamps, frame labels, separators, trailing newlines)."""
 
-    groups: list[torch.Tensor]
+    groups: list[Group]
     num_frames: int
-    temporal_patch: int
+    markers: torch.Tensor = field(default_factory=_empty)
+
+    @classmethod
+    def uniform(cls, groups: list[torch.Tensor], num_frames: int, temporal_patch: int,
+                grid: tuple[int, int] | None = None) -> "VideoSpan":
+        """Groups of ``temporal_patch`` consecutive frames each (the last may hold padding)."""
+        return cls([Group(p, (g * temporal_patch, min((g + 1) * temporal_patch, num_frames)),
+                          grid) for g, p in enumerate(groups)], num_frames)
 
     @property
     def positions(self) -> torch.Tensor:
-        return torch.cat(self.groups)
+        return torch.cat([g.all_positions for g in self.groups])
 
     def group_of(self, frame: int) -> int:
-        return frame // self.temporal_patch
+        for g, group in enumerate(self.groups):
+            if group.frames[0] <= frame < group.frames[1]:
+                return g
+        raise ValueError(f"frame {frame} reaches no token group of this video")
 
     def frame_span(self, a: int, b: int) -> FrameSpan:
         """Positions of input frames [a, b); groups cut by the span are taken whole."""
         if not (0 <= a < b <= self.num_frames):
             raise ValueError(f"visual_frames:{a}:{b} is beyond the video's {self.num_frames} "
                              f"frames (allowed: 0 <= a < b <= {self.num_frames})")
-        g0, g1 = self.group_of(a), self.group_of(b - 1) + 1
-        covered = (g0 * self.temporal_patch, min(g1 * self.temporal_patch, self.num_frames))
-        return FrameSpan(torch.cat(self.groups[g0:g1]), tuple(range(g0, g1)), covered,
-                         covered == (a, b))
+        chosen = [g for g, group in enumerate(self.groups)
+                  if group.frames[0] < b and group.frames[1] > a]
+        if not chosen:
+            raise ValueError(f"visual_frames:{a}:{b}: no token group holds these frames")
+        held = set().union(*(range(*self.groups[g].frames) for g in chosen))
+        covered = (min(held), max(held) + 1)
+        return FrameSpan(torch.cat([self.groups[g].all_positions for g in chosen]),
+                         tuple(chosen), covered, held == set(range(a, b)))
 
 
 @dataclass
 class RowLayout:
+    """One batch row: ``text`` = every real non-patch position (prompt text *and* markers),
+    ``markers`` = the separator/marker/timestamp positions among them, ``visual`` = every
+    patch token (and per-frame class token), ``last`` = the last real position."""
+
     seq_len: int
     text: torch.Tensor
     visual: torch.Tensor
@@ -159,6 +259,7 @@ class RowLayout:
     images: list[ImageSpan] = field(default_factory=list)
     videos: list[VideoSpan] = field(default_factory=list)
     cls: int | None = None  # CLIP's class token
+    markers: torch.Tensor = field(default_factory=_empty)
 
 
 @dataclass
@@ -181,6 +282,8 @@ class TokenLayout:
             return torch.arange(r.seq_len)
         if sl.kind == "text":
             return r.text
+        if sl.kind == "markers":
+            return r.markers
         if sl.kind == "visual":
             return r.visual
         if sl.kind == "last":

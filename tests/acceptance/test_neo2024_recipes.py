@@ -102,6 +102,20 @@ def test_recipes_on_qwen2_vl_with_per_image_questions(tmp_path):
     assert json.loads(out.read_text())["summary"]["vqa"]["object_b0"]["changed_pct"]["n"] == 2
 
 
+def test_only_with_questions_restricts_the_run_to_images_that_have_one(tmp_path, capsys):
+    questions = tmp_path / "clean_questions.json"  # the original's shape: id -> 0 or 1 questions
+    questions.write_text(json.dumps({"1": [], "2": ["What is in the picture?"], "3": []}))
+    out = tmp_path / "knockout.json"
+    result = neo2024_attention_knockout.main([
+        "--synthetic", "3", "--keep_all", "--sources", "obj_b1", "--targets", "last", "--no_groups",
+        "--window", "4", "--questions", str(questions), "--only_with_questions", "--output", str(out)])
+    assert result["n_samples"] == 1 and {r["key"].split(":")[0] for r in result["records"]} == {"2"}
+    with pytest.raises(SystemExit):
+        neo2024_attention_knockout.main(["--synthetic", "3", "--only_with_questions",
+                                         "--output", str(tmp_path / "k.json")])
+    assert "--only_with_questions needs --questions FILE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.__name__.split(".")[-1])
 def test_help_documents_every_flag(recipe, capsys):
     with pytest.raises(SystemExit):

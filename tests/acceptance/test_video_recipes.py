@@ -153,6 +153,37 @@ def test_killed_tracing_run_resumes_to_the_same_json(data, tmp_path, monkeypatch
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_star_shaped_annotations_trace_and_label_records_without_nested_fields(data, tmp_path):
+    """STAR's shape (answer a word of the candidate, string frame ids, nested situations, a
+    verbatim repeated entry) runs; the stored records carry its scalar fields, not situations."""
+    star = []
+    for e in json.loads(data.read_text())[:2]:
+        star.append({"task_name": e["task_name"], "video_name": e["video_name"],
+                     "question_id": "Interaction_" + e["question_id"], "question": e["question"],
+                     "answer_number": e["answer_number"],
+                     "candidates": [f"The {c}." for c in e["candidates"]], "answer": e["answer"],
+                     "situations": {"000003": {"rel_pairs": [["person", "square"]],
+                                               "rel_labels": ["on"], "actions": ["move"],
+                                               "bbox": [[1.5, 2.0, 30.0, 40.5]],
+                                               "bbox_labels": ["square"]}},
+                     "start": 0.0, "end": 0.9, "frames_with_answer_object": ["000003", "000004"],
+                     "split": "val"})
+    ann = tmp_path / "star.json"
+    ann.write_text(json.dumps(star + star[:1]))
+    out = tmp_path / "tracing.json"
+    with pytest.warns(UserWarning, match="exactly repeat an earlier one"):
+        result = tracing_recipe.main(["--annotations", str(ann), "--video_root",
+                                      str(data.parent / "videos"), "--output", str(out),
+                                      "--dump_representations", *FAST])
+    assert result["errors"] == [] and {r["question_id"] for r in result["records"]} == \
+        {e["question_id"] for e in star}
+    store = ActivationStore(out.with_name("tracing_representations"))
+    meta = store.meta(store.keys()[0])
+    assert meta["split"] == "val" and meta["task_name"] == star[0]["task_name"]
+    assert "situations" not in meta and "frames_with_answer_object" not in meta
+    assert meta["answer"] == star[0]["candidates"][star[0]["answer_number"]]
+
+
 def _annotations(tmp_path, entries_or_text):
     path = tmp_path / "bad.json"
     path.write_text(entries_or_text if isinstance(entries_or_text, str)

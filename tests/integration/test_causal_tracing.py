@@ -182,12 +182,28 @@ def test_batch_size_does_not_change_scores(vlm):
                                [r["patched_score"] for r in many], atol=1e-5)
 
 
-def test_dumped_representations_equal_hand_computed_means(vlm):
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Rows of weights resizing n_in samples to n_out, half-pixel centres (align_corners=False):
+    output i reads input position (i + 0.5) * n_in / n_out - 0.5, clamped, linearly."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        x0 = min(int(np.floor(x)), n_in - 1)
+        x1, frac = min(x0 + 1, n_in - 1), x - x0
+        w[i, x0] += 1 - frac
+        w[i, x1] += frac
+    return w
+
+
+def test_dumped_representations_are_the_originals_definitions(vlm):
+    """inputs_mean / layers_mean pool over --token_slice (here frames 2-5, not all visual
+    tokens), visual_mean over the visual tokens, vprime resizes both axes bilinearly."""
     clean = random_video(3)
-    _, reps = ct.trace_sample(vlm, clean, {"reverse": reverse(clean)}, PROMPT,
-                              option_ids(vlm, 2), 0, "visual", [0], dump=True)
+    _, reps = ct.trace_sample(vlm, clean, {"reverse": reverse(clean)}, PROMPT, option_ids(vlm, 2),
+                              0, "visual_frames:2:6", [0], dump=True, vprime_shape=(40, 24))
     inputs = vlm.prepare(text=PROMPT, video=[clean])
     vis = torch.nonzero(inputs["input_ids"][0] == vlm.torch_model.config.video_token_id).flatten()
+    sl = vis[16:48]  # frames 2-5 = temporal groups 1 and 2, 16 tokens each
     lm = vlm.torch_model.model.language_model
     seen = {}
     hooks = [lm.layers[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))]
@@ -199,13 +215,17 @@ def test_dumped_representations_equal_hand_computed_means(vlm):
         h.remove()
     r = reps["clean"]
     torch.testing.assert_close(r["visual_mean"], seen["in"][0, vis].mean(0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(r["inputs_mean"], seen["in"][0].mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r["inputs_mean"], seen["in"][0, sl].mean(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(r["layers_mean"], torch.stack(
-        [seen[i][0, vis].mean(0) for i in range(vlm.n_layers)]), atol=1e-5, rtol=0)
-    assert r["vprime"].shape == (128, 64) and r["vprime"].dtype == torch.float16
-    torch.testing.assert_close(r["vprime"][[0, -1]].float(), seen["in"][0, vis[[0, -1]]],
-                               atol=2e-2, rtol=1e-2)  # align_corners: end rows are exact tokens
+        [seen[i][0, sl].mean(0) for i in range(vlm.n_layers)]), atol=1e-5, rtol=0)
+    v = seen["in"][0, vis].double().numpy()  # [64 tokens, 64 hidden]
+    hand = _bilinear_matrix(40, v.shape[0]) @ v @ _bilinear_matrix(24, v.shape[1]).T
+    assert r["vprime"].shape == (40, 24) and r["vprime"].dtype == torch.float16
+    np.testing.assert_allclose(r["vprime"].float().numpy(), hand, atol=2e-3, rtol=1e-3)
     assert set(reps) == {"clean", "reverse"}
+    _, default = ct.trace_sample(vlm, clean, {"reverse": reverse(clean)}, PROMPT,
+                                 option_ids(vlm, 2), 0, "visual", [0], dump=True)
+    assert default["reverse"]["vprime"].shape == (128, 1024)  # the original's --vprime_n/--vprime_d
 
 
 def test_frame_spans_line_up_with_video_grid(vlm):

@@ -13,7 +13,7 @@ import torch
 import vlminterp
 from conftest import tiny
 from recipes import clip_trace
-from vlminterp.circuits import capture_batch, image_source, load_trace, synthetic_image
+from vlminterp.circuits import capture_batch, image_source, load_trace, pretrained_tag, synthetic_image
 
 
 def _reference(model, pixels, layer, next_layer):
@@ -118,3 +118,43 @@ def test_out_of_range_layer_is_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "--target-layer 3" in err and "--next-attn-layer 4" in err and "3 vision blocks" in err
     assert not (tmp_path / "t.json").exists()
+
+
+def _trace_folder(tmp_path, name, *flags):
+    clip_trace.main(["--image-folder", str(tmp_path / "images"), "--target-layer", "1",
+                     "--batch-size", "2", *flags, "--out", str(tmp_path / name)])
+    return load_trace(tmp_path / name)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        synthetic_image(i, 48, seed=9).save(tmp_path / "images" / f"{i}.png")
+    return tmp_path
+
+
+def test_seed_fixes_random_init_weights_and_random_init_records_no_pretrained_tag(folder):
+    """The same images: --seed alone decides tiny-clip-vit's random weights; the trace says
+    it used no pretrained weights (not the --pretrained default 'openai')."""
+    a = _trace_folder(folder, "a", "--model", "tiny-clip-vit", "--seed", "5")
+    b = _trace_folder(folder, "b", "--model", "tiny-clip-vit", "--seed", "5")
+    c = _trace_folder(folder, "c", "--model", "tiny-clip-vit", "--seed", "6")
+    assert torch.equal(a.tensor("h_l"), b.tensor("h_l"))
+    assert not torch.allclose(a.tensor("h_l"), c.tensor("h_l"))
+    assert a.meta["pretrained"] is None and a.meta["seed"] == 5
+
+
+def test_seed_fixes_open_clip_random_init(folder):
+    a = _trace_folder(folder, "a", "--model", "ViT-S-32", "--pretrained", "none", "--seed", "3")
+    b = _trace_folder(folder, "b", "--model", "ViT-S-32", "--pretrained", "none", "--seed", "3")
+    assert torch.equal(a.tensor("attn_logits_l1"), b.tensor("attn_logits_l1"))
+    assert a.meta["pretrained"] is None
+
+
+def test_pretrained_tag_names_the_weights_really_used():
+    assert pretrained_tag("ViT-B-16", "openai") == "openai"
+    assert pretrained_tag("tiny-clip-vit", "openai") is None
+    assert pretrained_tag("ViT-B-16", "none") is None and pretrained_tag("ViT-B-16", "") is None
+    assert pretrained_tag("open_clip:ViT-B-16/laion2b_s34b_b88k", "openai") == "laion2b_s34b_b88k"
+    assert pretrained_tag("open_clip:ViT-B-16", "openai") is None

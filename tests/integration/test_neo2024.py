@@ -66,6 +66,11 @@ def test_per_image_questions(tmp_path, data):
     path.write_text('{"1": 3}')
     with pytest.raises(SystemExit, match=r"q.json: \['1'\]: expected a question string"):
         neo.load_questions(path)
+    # the original's clean_questions.json: every image id -> a list of 0 or 1 questions
+    path.write_text('{"1": [], "2": ["What is the person holding?"], "3": []}')
+    questions = neo.load_questions(path)
+    assert questions == {"2": "What is the person holding?"}
+    assert [neo.question_for(questions, s) for s in samples] == [None, "What is the person holding?", None]
 
 
 def test_first_token_rule(llava):
@@ -263,6 +268,46 @@ def test_knockout_equals_hand_built_mask(llava, data):
     p_ref = torch.softmax(ref, -1)[answer].item()
     assert neo.score(llava, got, answer)[1]["p_correct"] == pytest.approx(p_ref, rel=1e-5)
     assert (got[0] - got[1]).abs().max() > 1e-5
+
+
+def _hand_knockout_p(vlm, inputs, pairs_by_layer, answer):
+    handles = _mask_hooks(vlm, pairs_by_layer, vlm.layout(inputs)[0].seq_len)
+    try:
+        return torch.softmax(vlm.forward(inputs)[0, -1], -1)[answer].item()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_knockout_pairs_product_cuts_self_attention_where_sets_overlap(llava, data):
+    """obj_b1 -> last_row, over all layers: the original's product cuts every (target,
+    source) pair, a last-row object cell from itself included; no_self keeps the diagonal."""
+    coco, samples = data
+    found = 0
+    for sample in samples:
+        image = coco.load_image(sample)
+        inputs, _, answer = neo.task_inputs(llava, image, neo.TASKS["vqa"], sample.category)
+        row = llava.layout(inputs)[0]
+        span = row.images[0]
+        obj = {b: span.positions[neo.object_indices(span, sample, b)] for b in (0, 1, 2)}
+        sources, targets = neo.knockout_sets(row, obj)
+        src, tgt = sources["obj_b1"], targets["last_row"]
+        if not len(obj[0]) or not torch.isin(tgt, src).any():
+            continue
+        found += 1
+        layers = neo.layer_groups(llava.n_layers)["all"]
+        recs = {r["pairs"]: r for pairs in neo.PAIRS for r in neo.attention_knockout(
+            llava, image, sample, sources=["obj_b1"], targets=["last_row"], groups=True, keep_all=True,
+            pairs=pairs) if r["layers"] == "all"}
+        product = [(int(t), int(k)) for t in tgt for k in src]
+        for pairs, edges in (("product", product), ("no_self", [(t, k) for t, k in product if t != k])):
+            hand = _hand_knockout_p(llava, inputs, {i: edges for i in layers}, answer)
+            assert recs[pairs]["p_correct"] == pytest.approx(hand, rel=1e-5, abs=1e-7)
+            assert recs[pairs]["n_overlap"] == int(torch.isin(tgt, src).sum())
+        assert recs["product"]["p_correct"] != pytest.approx(recs["no_self"]["p_correct"], rel=1e-6)
+    assert found, "no sample whose buffered object reaches the image's last row"
+    with pytest.raises(ValueError, match="knockout pairs 'all'"):
+        neo.knockout_blocks(torch.tensor([1]), torch.tensor([1]), "all")
 
 
 def test_knocked_out_weights_are_exactly_zero(llava, data):

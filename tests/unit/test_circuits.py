@@ -14,10 +14,10 @@ from scipy import stats as sps
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, r2_score
 
+from vlminterp.circuits.causal import reference_draws_pvalue
 from vlminterp.circuits import (PrototypeAccumulator, attention_logits_of, cluster_gates, cluster_interventions, edge_columns,
                                 fit_prototypes, group_paths, mse_r2, reconstruct, row_effects,
                                 save_head_heatmaps, target_edge_effects, token_names, top_k_paths)
-from vlminterp.stats import permutation_test_greater
 
 
 def _loop_reconstruct(labels, protos):
@@ -185,13 +185,56 @@ def test_cluster_interventions_match_materialised_reconstructions():
         assert r.ablation_effect == pytest.approx(float(d_abl.permute(0, 2, 1, 3)[mask].mean()), rel=1e-5)
         assert r.injection_effect == pytest.approx(float(d_inj.permute(0, 2, 1, 3)[~mask].mean()), rel=1e-5)
         abl_rows, inj_rows = d_abl.mean(dim=(1, 3)), d_inj.mean(dim=(1, 3))
-        assert r.ablation_pvalue == permutation_test_greater(
-            abl_rows[mask].double().numpy(), abl_rows[~mask].double().numpy(), 50, 3 + 2 * k)[1]
-        assert r.injection_pvalue == permutation_test_greater(
-            inj_rows[~mask].double().numpy(), inj_rows[mask].double().numpy(), 50, 3 + 2 * k + 1)[1]
+        assert r.ablation_pvalue == _original_pvalue(abl_rows[mask], abl_rows[~mask], 50, 3 + 2 * k)
+        assert r.injection_pvalue == _original_pvalue(inj_rows[~mask], inj_rows[mask], 50, 3 + 2 * k + 1)
         # Out-of-cluster ablation effects are exactly 0: the p-value sits at its floor.
         assert r.ablation_pvalue == pytest.approx(1 / 51)
     assert len(cluster_interventions(labels, protos, max_clusters=2, num_permutations=0)) == 2
+
+
+def _original_pvalue(observed, reference, num_permutations, seed):
+    """XAI-kit's test as its intervene.py defines it, written out: draw len(observed) reference
+    rows (randperm without replacement, randint with it when there are fewer reference rows)
+    from a torch.Generator seeded with ``seed``; count draw means >= the observed mean."""
+    observed, reference = torch.as_tensor(observed).float(), torch.as_tensor(reference).float()
+    if observed.numel() == 0 or reference.numel() == 0 or num_permutations <= 0:
+        return 1.0
+    gen = torch.Generator().manual_seed(seed)
+    obs, n, m = float(observed.mean()), observed.numel(), reference.numel()
+    ge = 0
+    for _ in range(num_permutations):
+        idx = torch.randint(0, m, (n,), generator=gen) if n > m else torch.randperm(m, generator=gen)[:n]
+        ge += float(reference[idx].mean()) >= obs
+    return (ge + 1) / (num_permutations + 1)
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 30), (5, 30), (29, 3), (4, 4), (40, 1)])
+def test_reference_draws_pvalue_is_the_originals_test(n, m):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    reference = torch.rand(m, generator=g)
+    for shift in (-0.3, 0.0, 0.2):  # below, like and above the reference
+        observed = torch.rand(n, generator=g) + shift
+        got = reference_draws_pvalue(observed.numpy(), reference.numpy(), 200, 7)
+        assert got == _original_pvalue(observed, reference, 200, 7)
+    assert reference_draws_pvalue(np.ones(3), np.zeros(5), 0, 0) == 1.0
+    assert reference_draws_pvalue(np.ones(3), np.zeros(0), 10, 0) == 1.0
+
+
+def test_cluster_pvalues_for_clusters_of_one_row_and_of_all_rows_but_one():
+    """Cluster 0 holds one row, cluster 1 all the others, cluster 2 none: the reference
+    effects are exactly 0, so p = 1/(P+1) for a non-zero effect, and 1 when a side has no rows — a pooled relabelling test would give other values here."""
+    labels = torch.ones(2, 5, dtype=torch.long)
+    labels[1, 3] = 0
+    protos = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    protos[2] = 0.5
+    by_id = {r.cluster_id: r for r in cluster_interventions(labels, protos, num_permutations=200, seed=1)}
+    assert (by_id[0].support, by_id[1].support, by_id[2].support) == (1, 9, 0)
+    for k in (0, 1):
+        assert by_id[k].ablation_pvalue == by_id[k].injection_pvalue == 1 / 201
+    assert by_id[2].ablation_pvalue == by_id[2].injection_pvalue == 1.0  # no rows of 2 to compare
+    labels[:] = 1  # every row in cluster 1: nothing outside it to compare with
+    one = {r.cluster_id: r for r in cluster_interventions(labels, protos, num_permutations=200)}[1]
+    assert one.ablation_pvalue == one.injection_pvalue == 1.0
 
 
 def test_row_effects_are_zero_where_the_intervention_changes_nothing():

@@ -36,19 +36,30 @@ def test_curation_filter_keeps_simple_scenes(tmp_path):
         *[_ann(10 + k, 2, 1 + k % 3) for k in range(4)],                    # 4 annotations
         _ann(20, 3, 1), _ann(21, 3, 1),                                     # cat twice
         _ann(30, 4, 1, area=999.0),                                         # too small
-        _ann(40, 5, 3, area=1000.0),                                        # bounds inclusive
+        _ann(40, 5, 3, area=1000.0),                                        # on a bound: out (strict)
         _ann(50, 6, 2, area=2000.5),                                        # too large
+        _ann(60, 7, 3, area=1000.5),                                        # just inside
     ]
     path = _write(tmp_path, _images(7), anns)
     coco = CocoObjects(path, tmp_path)
     kept = coco.samples()
-    assert [(s.image_id, s.annotation_id, s.category) for s in kept] == [(1, 1, "cat"), (5, 40, "car")]
+    assert [(s.image_id, s.annotation_id, s.category) for s in kept] == [(1, 1, "cat"), (7, 60, "car")]
     assert kept[0].box == (10.0, 10.0, 50.0, 50.0) and kept[0].key == "1:1"
     assert kept[0].image_size == (100, 80) and kept[0].path == tmp_path / "1.png"
     assert len(coco.samples(curate=False, one_per_image=False)) == len(anns)
-    assert [s.image_id for s in coco.samples(max_annotations=4)] == [1, 2, 5]
-    assert [s.image_id for s in coco.samples(min_area=900, max_area=2100)] == [1, 4, 5, 6]
+    assert [s.image_id for s in coco.samples(max_annotations=4)] == [1, 2, 7]
+    assert [s.image_id for s in coco.samples(inclusive_area=True)] == [1, 5, 7]  # [1000, 2000]
+    assert [s.image_id for s in coco.samples(min_area=900, max_area=2100)] == [1, 4, 5, 6, 7]
     assert len(coco.samples(limit=1)) == 1
+
+
+def test_curation_takes_the_first_qualifying_annotation_in_file_order(tmp_path):
+    # image 1: the dog (id 9) comes before the cat (id 3) in the file; both qualify
+    anns = [_ann(9, 1, 2, area=1500.0), _ann(3, 1, 1, area=1200.0), _ann(4, 2, 1, area=1999.9)]
+    coco = CocoObjects(_write(tmp_path, _images(2), anns), tmp_path)
+    assert [(s.image_id, s.annotation_id, s.category) for s in coco.samples()] == \
+        [(1, 9, "dog"), (2, 4, "cat")]
+    assert [s.annotation_id for s in coco.samples(curate=False, one_per_image=False)] == [9, 3, 4]
 
 
 @pytest.mark.parametrize("mutate, where", [

@@ -104,11 +104,22 @@ def test_motion_only_does_not_wrap_around_in_uint8():
 
 @FAST
 @given(clips())
-def test_motion_destroy_repeats_the_median_frame(frames):
+def test_motion_destroy_repeats_the_per_pixel_temporal_median(frames):
     out = motion_destroy(frames)
-    assert out.shape == frames.shape
-    for t in range(len(frames)):
-        np.testing.assert_array_equal(out[t], frames[len(frames) // 2])
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    ordered = np.sort(frames.astype(np.int64), axis=0)  # each pixel's values over time, sorted
+    t = len(frames)
+    lo, hi = ordered[(t - 1) // 2], ordered[t // 2]  # the middle value(s)
+    for k in range(t):
+        np.testing.assert_array_equal(out[k], (lo + hi) // 2)
+
+
+def test_motion_destroy_by_hand():
+    # one pixel over 4 frames: sorted 10 30 40 200 -> median 35; another: 1 2 2 9 -> 2; 3 frames: 7 1 4 -> 4
+    frames = np.array([[10, 1], [200, 2], [30, 9], [40, 2]], dtype=np.uint8).reshape(4, 1, 2, 1)
+    assert motion_destroy(frames)[:, 0, :, 0].tolist() == [[35, 2]] * 4
+    odd = np.array([7, 1, 4], dtype=np.uint8).reshape(3, 1, 1, 1)
+    assert motion_destroy(odd).ravel().tolist() == [4, 4, 4]  # not the middle frame (1)
 
 
 @FAST

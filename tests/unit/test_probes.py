@@ -128,13 +128,15 @@ def store(tmp_path):
 
 def test_have1_datasets_from_a_store(store):
     x, y, groups = probes.have1_dataset(store, "layers_mean", 2, "single")
-    assert x.shape == (12, 8) and y.tolist().count(1) == 4  # one clean per question
-    torch.testing.assert_close(x[0], store.get("00/clean")["layers_mean"][2])
-    assert set(groups) == {"v0.mp4", "v1.mp4"}
+    # per question and counterfactual one clean (1) and one counterfactual (0): balanced
+    assert x.shape == (16, 8) and y.tolist() == [1, 0] * 8
+    for i, cond in enumerate(["clean", "reverse", "clean", "local_swap"]):
+        torch.testing.assert_close(x[i], store.get(f"00/{cond}")["layers_mean"][2])
+    assert groups == ["v0.mp4"] * 8 + ["v1.mp4"] * 8  # by video: a clean copy never crosses the split
     x, y, _ = probes.have1_dataset(store, "vprime", None, "pair", counterfactuals=["reverse"])
     assert x.shape == (8, 128, 16) and y.tolist() == [1, 0] * 4
     x, _, _ = probes.have1_dataset(store, "visual_mean", keep={"00"})
-    assert x.shape == (3, 8)
+    assert x.shape == (4, 8)
     with pytest.raises(ValueError, match="layer_idx must be in 0..2"):
         probes.have1_dataset(store, "layers_mean", 5)
 

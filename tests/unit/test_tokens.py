@@ -37,7 +37,7 @@ def test_bad_slice_quotes_spec(bad):
 def test_frame_spans_partition_visual_positions(num_frames, tpatch, per_group, offset, data):
     groups_n = -(-num_frames // tpatch)
     positions = torch.arange(offset, offset + groups_n * per_group)
-    video = VideoSpan(list(positions.split(per_group)), num_frames, tpatch)
+    video = VideoSpan.uniform(list(positions.split(per_group)), num_frames, tpatch)
     # Spans cut at group boundaries partition the positions, in order, without overlap.
     cuts = sorted(set(data.draw(st.lists(st.integers(1, groups_n - 1), max_size=4))
                       if groups_n > 1 else []))
@@ -53,11 +53,11 @@ def test_frame_spans_partition_visual_positions(num_frames, tpatch, per_group, o
     assert list(span.groups) == want
     assert span.frames[0] <= a and span.frames[1] >= b
     assert span.exact == (span.frames == (a, b))
-    assert torch.equal(span.positions, torch.cat([video.groups[g] for g in want]))
+    assert torch.equal(span.positions, torch.cat([video.groups[g].positions for g in want]))
 
 
 def test_frame_span_beyond_video_names_value():
-    video = VideoSpan([torch.arange(4), torch.arange(4, 8)], 4, 2)
+    video = VideoSpan.uniform([torch.arange(4), torch.arange(4, 8)], 4, 2)
     with pytest.raises(ValueError, match=r"visual_frames:2:9 is beyond the video's 4 frames"):
         video.frame_span(2, 9)
 

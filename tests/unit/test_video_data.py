@@ -56,9 +56,9 @@ def test_sample_indices_are_sorted_in_range_and_uniform(case):
     assert (np.diff(indices) >= 0).all()
     assert indices.min() >= first and indices.max() <= last
     assert indices[0] == first and (num_frames == 1 or indices[-1] == last)
-    if num_frames > 1:  # each index is the rounding of its evenly spaced ideal position
+    if num_frames > 1:  # each index is its evenly spaced ideal position truncated (the original's rule)
         ideal = first + np.arange(num_frames) * (last - first) / (num_frames - 1)
-        assert np.abs(indices - ideal).max() <= 0.5 + 1e-9
+        assert ((indices <= ideal + 1e-9) & (indices > ideal - 1 - 1e-9)).all()
     if num_frames <= last - first + 1:
         assert len(set(indices.tolist())) == num_frames  # no repeats while there are enough frames
 
@@ -79,9 +79,11 @@ def test_sample_indices_rejects_impossible_requests(args, match):
 def test_seconds_to_frame_range_by_hand():
     assert seconds_to_frame_range(16, 8.0, None, None) == (0, 15)
     assert seconds_to_frame_range(16, 8.0, 0.5, 1.0) == (4, 8)  # frames at 0.5, 0.625, ..., 1.0 s
-    assert seconds_to_frame_range(16, 8.0, 0.3, 0.6) == (3, 4)  # 3/8 = 0.375 is the first frame after 0.3 s
+    assert seconds_to_frame_range(16, 8.0, 0.3, 0.6) == (2, 4)  # frame 2 (0.25-0.375 s) is on screen at 0.3 s
     assert seconds_to_frame_range(16, 8.0, 1.5, 99.0) == (12, 15)  # end clipped to the video
     assert seconds_to_frame_range(16, 8.0, 0.51, 0.55) == (4, 4)  # narrower than a frame: the frame on screen
+    assert seconds_to_frame_range(300, 30.0, 4.1, 5.0) == (122, 150)  # 4.1 * 30 = 122.99999999999999: as the original
+    assert seconds_to_frame_range(900, 30.0, 11.1, 19.6) == (333, 588)  # a real STAR window
     with pytest.raises(ValueError, match="clip.mp4: start 3.0 s is beyond the video's 2.000 s"):
         seconds_to_frame_range(16, 8.0, 3.0, 4.0, "clip.mp4")
     with pytest.raises(ValueError, match="reversed"):
@@ -105,8 +107,9 @@ def test_written_frames_read_back_within_tolerance(clip_file, backend):
         ({"num_frames": 4}, [0, 5, 10, 15]),
         ({"start": 0.5, "end": 1.0}, [4, 5, 6, 7, 8]),
         ({"num_frames": 3, "start": 0.5, "end": 1.0}, [4, 6, 8]),
-        ({"num_frames": 3, "start": 1.5}, [12, 14, 15]),  # 13.5 rounds to even
-        ({"num_frames": 6, "start": 0.5, "end": 0.75}, [4, 4, 5, 5, 6, 6]),  # more than available: repeats
+        ({"num_frames": 3, "start": 1.5}, [12, 13, 15]),  # 13.5 truncates, as np.linspace(..., dtype=int)
+        ({"num_frames": 4, "start": 0.3, "end": 1.4}, [2, 5, 8, 11]),  # from frame 2, on screen at 0.3 s
+        ({"num_frames": 6, "start": 0.5, "end": 0.75}, [4, 4, 4, 5, 5, 6]),  # more than available: repeats
     ],
 )
 def test_sampling_reads_the_expected_frames(clip_file, backend, kwargs, expected):
@@ -193,4 +196,4 @@ def test_pyav_reads_containers_without_a_frame_count(tmp_path):
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0
     decoded = read_frames(path, num_frames=3, start=0.25, backend="av")
-    assert source_indices(decoded, frames) == [2, 4, 5]  # frames 2..5, 3.5 rounds to 4
+    assert source_indices(decoded, frames) == [2, 3, 5]  # frames 2..5, 3.5 truncates to 3

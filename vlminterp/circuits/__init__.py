@@ -32,7 +32,7 @@ from .cluster import GateClusters, cluster_gates
 from .fit import PrototypeAccumulator, PrototypeFit, ReconstructionScore, fit_prototypes, mse_r2, reconstruct
 from .paths import CircuitPath, group_paths, save_head_heatmaps, token_names, top_k_paths
 from .trace import (attention_logits, attention_logits_of, capture_batch, check_layers, clip_model_id,
-                    image_source, synthetic_image)
+                    image_source, pretrained_tag, synthetic_image)
 
 _SUFFIXES = {".json", ".safetensors", ".pt", ".pth"}
 
@@ -228,7 +228,7 @@ def check_fit_matches_features(fit: dict[str, Any], fit_path: str | os.PathLike,
 __all__ = [
     "ArtifactPaths", "artifact_paths", "save_artifact", "load_artifact", "TraceWriter", "TraceFile", "load_trace",
     "check_features_match_trace", "check_fit_matches_features", "check_circuit_matches_fit", "fingerprint",
-    "hash_tensors", "clip_model_id",
+    "hash_tensors", "clip_model_id", "pretrained_tag",
     "attention_logits", "attention_logits_of", "capture_batch", "check_layers", "image_source", "synthetic_image",
     "GateClusters", "cluster_gates",
     "PrototypeFit", "PrototypeAccumulator", "ReconstructionScore", "fit_prototypes", "reconstruct", "mse_r2",

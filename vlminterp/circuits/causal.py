@@ -10,12 +10,16 @@ Cluster interventions (`cluster_interventions`), for each cluster k:
   (b, i); ``ablation_effect = mean of e_abl over the rows of k`` (= mean |P[k]|; 0 without rows);
 - injection: every row *outside* k is overwritten with ``P[k]``; ``e_inj(b, i)`` likewise;
   ``injection_effect = mean of e_inj over the rows outside k``;
-- ``ablation_pvalue = permutation_test_greater(e_abl[rows of k], e_abl[rows outside k])`` and
-  ``injection_pvalue = permutation_test_greater(e_inj[rows outside k], e_inj[rows of k])``
-  (`vlminterp.stats`, seeds ``seed + 2k`` and ``seed + 2k + 1``), as in the original. Note what
-  they test: an ablation of k leaves the other rows untouched, so their effects are exactly 0 and
-  the p-value is ~1/(P+1) whenever the effect is non-zero — it certifies a non-zero effect, not a
-  large one. Records are sorted by ``ablation_effect``, largest first.
+- ``ablation_pvalue = reference_draws_pvalue(e_abl[rows of k], e_abl[rows outside k])`` and
+  ``injection_pvalue = reference_draws_pvalue(e_inj[rows outside k], e_inj[rows of k])``, the
+  original's test exactly (seeds ``seed + 2k`` and ``seed + 2k + 1``): ``num_permutations``
+  times draw as many reference rows as there are observed rows (without replacement, or with
+  it when the reference has fewer rows), count the draws whose mean is >= the observed mean;
+  p = (count + 1) / (P + 1); 1 when either side has no rows or P = 0. Note what it tests: an
+  ablation of k leaves the other rows untouched (an injection leaves k's rows untouched), so
+  the reference effects are exactly 0 and p = 1/(P+1) whenever the effect is non-zero, 1
+  otherwise — including clusters of one row or of all rows but one: it certifies a non-zero
+  effect, not a large one. Records are sorted by ``ablation_effect``, largest first.
 
 Target edges (`target_edge_effects`), for each path ``(k, h, j)`` with ``p = P[k, h, j]``, zero
 ``P[k, h, j]`` only; on the rows of k (the only rows that change), with ``r = A[b, h, i, j]``:
@@ -42,7 +46,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlminterp.stats import permutation_pvalue, permutation_test_greater
+from vlminterp.stats import permutation_pvalue
 
 from .fit import _check_labels
 
@@ -106,16 +110,32 @@ def cluster_interventions(labels: Int[Tensor, "batch tokens"], prototypes: Float
             cluster_id=k, support=support,
             ablation_effect=float(abl[inside].mean()) if support else 0.0,
             injection_effect=float(inj[~inside].mean()) if support < inside.size else 0.0,
-            ablation_pvalue=_greater(abl[inside], abl[~inside], num_permutations, seed + 2 * k),
-            injection_pvalue=_greater(inj[~inside], inj[inside], num_permutations, seed + 2 * k + 1),
+            ablation_pvalue=reference_draws_pvalue(abl[inside], abl[~inside], num_permutations, seed + 2 * k),
+            injection_pvalue=reference_draws_pvalue(inj[~inside], inj[inside], num_permutations,
+                                                   seed + 2 * k + 1),
         ))
     return sorted(records, key=lambda e: e.ablation_effect, reverse=True)
 
 
-def _greater(x: np.ndarray, y: np.ndarray, num_permutations: int, seed: int) -> float:
-    if x.size == 0 or y.size == 0:
+def reference_draws_pvalue(observed: Float[np.ndarray, " n"], reference: Float[np.ndarray, " m"],
+                           num_permutations: int, seed: int) -> float:
+    """The original's one-sided test: ``num_permutations`` draws of ``n`` reference values
+    (``torch.randperm(m)[:n]``, or ``torch.randint(0, m, (n,))`` when n > m, from a
+    ``torch.Generator`` seeded with ``seed``); p = (#{draw mean >= observed mean} + 1) / (P + 1)
+    with float32 means; 1.0 when either side is empty or ``num_permutations <= 0``."""
+    if observed.size == 0 or reference.size == 0 or num_permutations <= 0:
         return 1.0
-    return permutation_test_greater(x, y, num_permutations, seed)[1]
+    obs = float(torch.as_tensor(observed, dtype=torch.float32).mean())
+    ref = torch.as_tensor(reference, dtype=torch.float32).reshape(-1)
+    n, m = observed.size, ref.numel()
+    if not bool(ref.any()):  # every draw's mean is exactly 0: the draws cannot change the count
+        return float(((num_permutations if 0.0 >= obs else 0) + 1) / (num_permutations + 1))
+    gen = torch.Generator().manual_seed(seed)
+    ge = 0
+    for _ in range(num_permutations):
+        idx = torch.randint(0, m, (n,), generator=gen) if n > m else torch.randperm(m, generator=gen)[:n]
+        ge += float(ref[idx].mean()) >= obs
+    return float((ge + 1) / (num_permutations + 1))
 
 
 def edge_columns(logits: Float[Tensor, "batch heads tokens tokens"],

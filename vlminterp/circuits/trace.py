@@ -63,6 +63,16 @@ def clip_model_id(model: str, pretrained: str | None) -> str:
     return f"open_clip:{model}/{pretrained}"
 
 
+def pretrained_tag(model: str, pretrained: str | None) -> str | None:
+    """The pretrained weights a trace really used, for its metadata: None for random init
+    (``tiny-clip-vit``, ``--pretrained ''``/``none``, ``open_clip:MODEL`` without a tag)."""
+    if model == "tiny-clip-vit":
+        return None
+    if model.startswith("open_clip:"):
+        return model.split(":", 1)[1].partition("/")[2] or None
+    return None if not pretrained or pretrained.lower() == "none" else pretrained
+
+
 def check_layers(num_blocks: int, layer: int, next_layer: int, model: str = "the model") -> None:
     """Both indices must name a vision block: ``0 <= index < num_blocks``."""
     for flag, value in (("--target-layer", layer), ("--next-attn-layer", next_layer)):

@@ -2,9 +2,11 @@
 
 One `ObjectSample` per kept annotation: the image file, the category name, the box as
 ``(x0, y0, x1, y1)`` original pixels (COCO stores ``[x, y, w, h]``), the segmentation polygons
-when present, and the image size. `curate` is Neo et al. 2024's filter for simple scenes: images
-with at most 3 annotations in which some category occurs exactly once with an area in
-[1000, 2000] px². Problems in the file raise `CocoError` with one line naming the file and field::
+when present, and the image size. `curate` is Neo et al. 2024's filter for simple scenes, as the
+original's code has it: images with at most 3 annotations in which some category occurs exactly
+once with 1000 < area < 2000 px² (strict; ``inclusive_area`` also keeps the bounds), the first
+such annotation in the file's order being the sample. Problems in the file raise `CocoError`
+with one line naming the file and field::
 
     instances_val2017.json: annotations[12].bbox: expected 4 numbers, got [1, 2]
 
@@ -170,21 +172,25 @@ class CocoObjects:
 
     def samples(self, curate: bool = True, *, max_annotations: int = 3,
                 min_area: float | int = 1000.0, max_area: float | int = 2000.0,
-                one_per_image: bool = True, limit: int | None = None) -> list[ObjectSample]:
-        """Object samples in image order. With ``curate`` (Neo et al.'s filter) an image is kept
-        when it has at most ``max_annotations`` annotations and a category that occurs exactly
-        once in it with area in [min_area, max_area]; that annotation is the sample (the first
-        such, by annotation id, when ``one_per_image``). Without ``curate`` every annotation
-        is a sample."""
+                inclusive_area: bool = False, one_per_image: bool = True,
+                limit: int | None = None) -> list[ObjectSample]:
+        """Object samples in the file's image order. With ``curate`` (Neo et al.'s filter) an
+        image is kept when it has at most ``max_annotations`` annotations and a category that
+        occurs exactly once in it with min_area < area < max_area (<= both ways with
+        ``inclusive_area``); that annotation is the sample (the first such in the file's order
+        when ``one_per_image``, as the original's). Without ``curate`` every annotation is a
+        sample."""
+        def in_bounds(area: float) -> bool:
+            return min_area <= area <= max_area if inclusive_area else min_area < area < max_area
+
         out = []
         for image_id in self.images:
-            anns = sorted(self.by_image.get(image_id, []), key=lambda a: a["id"])
+            anns = self.by_image.get(image_id, [])  # in the file's order
             if curate:
                 if not anns or len(anns) > max_annotations:
                     continue
                 counts = Counter(a["category_id"] for a in anns)
-                anns = [a for a in anns if counts[a["category_id"]] == 1
-                        and min_area <= a["area"] <= max_area]
+                anns = [a for a in anns if counts[a["category_id"]] == 1 and in_bounds(a["area"])]
             if one_per_image:
                 anns = anns[:1]
             out.extend(self.sample(a) for a in anns)

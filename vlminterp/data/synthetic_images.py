@@ -2,10 +2,10 @@
 
 Each category is drawn as its own shape and colour on a textured grey background (cat = orange
 disc, dog = brown triangle, car = red wide rectangle, bus = yellow tall rectangle). Every image
-holds one target object whose area is in [1000, 2000] px² and up to two distractors of other
-categories, so the set passes Neo et al.'s curation filter (`coco.CocoObjects.samples`) by
-construction and the recipes run offline (``--synthetic N``). Segmentation polygons are the
-drawn shapes' outlines; ``area`` is the polygon's area.
+holds one target object (first in the file) whose area is between 1100 and 1900 px², and up to
+two distractors of other categories, so the set passes Neo et al.'s curation filter
+(`coco.CocoObjects.samples`) by construction and the recipes run offline (``--synthetic N``).
+Segmentation polygons are the drawn shapes' outlines; ``area`` is the polygon's area.
 
     python -m vlminterp.data.synthetic_images --out /tmp/objects --n 24
 """

@@ -2,10 +2,12 @@
 
 Reading uses decord when it is importable (faster) and PyAV otherwise; both return the same frames
 for the same indices. ``start``/``end`` are seconds, as in video QA annotations, converted to frame
-indices with the stream's average frame rate (frame i is shown at time i / fps).
+indices with the stream's average frame rate exactly as the video study's original does, so the
+same frames are read: frame ``int(t * fps)`` is the one on screen at time t (frame i is shown
+during [i / fps, (i + 1) / fps)), and ``num_frames`` indices are
+``np.linspace(first, last, num_frames, dtype=int)`` (truncated, not rounded).
 """
 
-import math
 import os
 from pathlib import Path
 import numpy as np
@@ -24,7 +26,8 @@ class VideoReadError(RuntimeError):
 
 
 def sample_indices(total: int, num_frames: int, first: int = 0, last: int | None = None) -> Int64[np.ndarray, " n"]:
-    """``num_frames`` frame indices spread uniformly over ``first..last`` (both inclusive), rounded.
+    """``num_frames`` frame indices spread evenly over ``first..last`` (both inclusive), truncated
+    to integers as the original's ``np.linspace(first, last, num_frames, dtype=int)``.
 
     ``last`` defaults to ``total - 1``. When more frames are asked for than the range holds,
     indices repeat (still sorted), so a model always gets the frame count it expects.
@@ -36,29 +39,29 @@ def sample_indices(total: int, num_frames: int, first: int = 0, last: int | None
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     if not 0 <= first <= last < total:
         raise ValueError(f"frame range {first}..{last} is not inside 0..{total - 1}")
-    return np.rint(np.linspace(first, last, num_frames)).astype(np.int64)
+    return np.linspace(first, last, num_frames, dtype=int).astype(np.int64)
 
 
 def seconds_to_frame_range(
     total: int, fps: float, start: float | int | None, end: float | int | None, path: str | os.PathLike = "video"
 ) -> tuple[int, int]:
-    """Inclusive frame range whose timestamps i / fps lie in [start, end]; end is clipped to the video.
-
-    A window narrower than one frame interval gives the single frame on screen at ``start``.
+    """Inclusive frame range of the window [start, end] seconds: ``int(start * fps)`` (the frame on
+    screen at ``start``) to ``int(end * fps)`` clipped to the last frame, as the original computes
+    it (float products truncated as they are: the same frames as the original, float error
+    included). A window inside one frame interval gives that single frame.
     """
+    if not fps > 0:
+        fps = 1.0  # a stream without a usable rate: the original falls back to 1 fps too
     duration = total / fps
     start_s = 0.0 if start is None else float(start)
-    end_s = duration if end is None else float(end)
-    if start_s < 0 or end_s < start_s:
+    end_s = None if end is None else float(end)
+    if start_s < 0 or (end_s is not None and end_s < start_s):
         raise ValueError(f"{path}: time window {start_s}..{end_s} s is negative or reversed")
-    if start_s >= duration:
+    first = int(start_s * fps)
+    if first > total - 1:
         raise ValueError(f"{path}: start {start_s} s is beyond the video's {duration:.3f} s")
-    eps = 1e-6  # 0.3 * 10 is 3.0000000000000004: do not lose a frame to float error
-    first = math.ceil(start_s * fps - eps)
-    last = min(total - 1, math.floor(end_s * fps + eps))
-    if first > last:
-        first = last = min(total - 1, math.floor(start_s * fps + eps))
-    return first, last
+    last = total - 1 if end_s is None else min(int(end_s * fps), total - 1)
+    return first, max(first, last)
 
 
 def _resolve_backend(backend: str) -> str:

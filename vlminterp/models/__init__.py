@@ -1,82 +1,170 @@
 """`load(model_id)`: real checkpoints through transformers / open_clip, or offline tiny ones.
 
-Ids: ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``, ``tiny-llava``, ``tiny-clip-vit`` (built offline,
-seeded random weights); ``Qwen/Qwen2-VL-*``, ``Qwen/Qwen2.5-VL-*``, ``llava-hf/llava-1.5-*``
-or a local directory saved with ``save_pretrained``; ``open_clip:MODEL/PRETRAINED``.
+Every module of this package that defines ``FAMILY`` (or ``FAMILIES``) is a model family
+(`base.Family`); they are found at import, so adding a family means adding one file. Ids:
+the families' tiny ids (``tiny-qwen2-vl``, ``tiny-llava``, ..., built offline with seeded
+random weights; ``tiny_ids()`` lists them), ``tiny-clip-vit``, a hub id or a local directory
+saved with ``save_pretrained`` (its ``config.json`` ``model_type`` picks the family), and
+``open_clip:MODEL/PRETRAINED``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
+import warnings
 
 import torch
 
-from . import clip, llava, qwen2_vl, tiny
-from .base import VLM, ModelInputs
+from . import clip, tiny
+from .base import VLM, Family, ModelInputs, Site
 
-TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava", "tiny-clip-vit")
-_MODEL_TYPES = {"qwen2_vl": "2", "qwen2_5_vl": "2.5", "llava": "llava"}
+_INFRASTRUCTURE = {"base", "clip", "common", "layouts", "resolve", "tiny"}
+QUANTIZATION = (None, "8bit", "4bit")
+
+
+def _discover() -> list[Family]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _INFRASTRUCTURE or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += getattr(module, "FAMILIES", [getattr(module, "FAMILY", None)])
+    return [f for f in found if f is not None]
+
+
+FAMILIES: list[Family] = _discover()
+
+
+def tiny_ids() -> list[str]:
+    """Every offline tiny id of every family (plus ``tiny-clip-vit``)."""
+    return [i for f in FAMILIES for i in f.tiny] + ["tiny-clip-vit"]
+
+
+TINY = tuple(tiny_ids())
+
+
+def family(name_or_model_type: str) -> Family:
+    """The family with this name or ``config.model_type``."""
+    for f in FAMILIES:
+        if name_or_model_type == f.name or name_or_model_type in f.model_types:
+            return f
+    raise ValueError(f"model_type {name_or_model_type!r} is not supported (supported: "
+                     f"{', '.join(t for f in FAMILIES for t in f.model_types)})")
 
 
 def load(model_id: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         seed: int = 0, attn_implementation: str | None = None) -> VLM:
-    """Load a model and wrap it in nnsight with the standard names (see `VLM`)."""
+         seed: int = 0, attn_implementation: str | None = None, device_map=None,
+         quantization: str | None = None, **from_pretrained) -> VLM:
+    """Load a model and wrap it in nnsight with the standard names (see `VLM`).
+
+    Hub ids and local directories go through ``from_pretrained`` with ``dtype`` (default: the
+    checkpoint's), ``device_map`` (``"auto"`` or a dict, via accelerate; then ``device`` is not
+    used), ``quantization`` (``"8bit"`` / ``"4bit"`` via bitsandbytes) and
+    ``attn_implementation``; other keyword arguments (``offload_folder``, ``revision``, ...)
+    go to ``from_pretrained`` as they are."""
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATION}")
     if model_id == "tiny-clip-vit" or model_id.startswith("open_clip:"):
         return _load_clip(model_id, device, dtype, seed)
-    kind = _kind(model_id)
-    if model_id in TINY:
-        model, processor = (tiny.build_llava(seed) if kind == "llava"
-                            else tiny.build_qwen2_vl(seed, version=kind))
+    fam = family_of(model_id)
+    if model_id in fam.tiny:
+        model, processor = fam.tiny[model_id](seed)
         model = model.to(device=device, dtype=dtype or torch.float32)
-    elif kind == "llava":
-        model, processor = llava.load_pretrained(model_id, device=device, dtype=dtype)
     else:
-        model, processor = qwen2_vl.load_pretrained(model_id, version=kind, device=device,
-                                                    dtype=dtype)
+        model, processor = _from_pretrained(model_id, device=device, dtype=dtype,
+                                            device_map=device_map, quantization=quantization,
+                                            attn_implementation=attn_implementation,
+                                            **from_pretrained)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
-    return wrap(model, processor, model_id, kind)
+    return wrap(model, processor, model_id, fam)
 
 
-def wrap(model, processor, model_id: str, kind: str) -> VLM:
-    """Wrap a loaded HF model + processor as a `VLM` (nnsight TransformersModel, renamed)."""
-    from nnsight.modeling.transformers import TransformersModel
-
-    family = {"llava": llava.FAMILY, "2": qwen2_vl.FAMILY, "2.5": qwen2_vl.FAMILY_25}[kind]
-    rename = llava._rename() if kind == "llava" else family.rename
-    nn_model = TransformersModel(model, task="image-text-to-text", processor=processor,
-                                 tokenizer=processor.tokenizer, rename=rename)
-    return VLM(nn_model, processor, family, model_id, torch_model=model)
-
-
-def _kind(model_id: str) -> str:
-    """'2', '2.5' or 'llava' from a tiny id, a hub id, or a local dir's config.json."""
-    if model_id in TINY:
-        return {"tiny-qwen2-vl": "2", "tiny-qwen2.5-vl": "2.5", "tiny-llava": "llava"}[model_id]
+def family_of(model_id: str) -> Family:
+    """The family of a tiny id, a local directory (its config.json) or a hub id (its config,
+    which needs the hub or a local cache)."""
+    for f in FAMILIES:
+        if model_id in f.tiny:
+            return f
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
         try:
-            with open(path) as f:
-                model_type = json.load(f).get("model_type")
+            with open(path) as fh:
+                model_type = json.load(fh).get("model_type")
         except (OSError, ValueError) as e:
             raise ValueError(f"model_id {model_id!r}: cannot read {path}: {e}") from None
-        if model_type not in _MODEL_TYPES:
-            raise ValueError(f"model_id {model_id!r}: model_type {model_type!r} in {path} is not "
-                             f"supported (supported: {', '.join(_MODEL_TYPES)})")
-        return _MODEL_TYPES[model_type]
-    low = model_id.lower()
-    if "qwen2.5-vl" in low or "qwen2_5_vl" in low:
-        return "2.5"
-    if "qwen2-vl" in low:
-        return "2"
-    if "llava" in low:
-        return "llava"
-    raise ValueError(f"model_id {model_id!r} is not a known model: use one of {', '.join(TINY)}, a "
-                     f"Qwen2-VL / Qwen2.5-VL / llava-1.5 hub id or local directory, or "
-                     f"'open_clip:MODEL/PRETRAINED'")
+        return _family_or_error(model_id, model_type, path)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model_id {model_id!r} is not a tiny id ({', '.join(TINY)}), a local "
+                         f"directory, or a checkpoint reachable from here ({first})") from None
+    return _family_or_error(model_id, config.model_type, "its config")
+
+
+def _family_or_error(model_id: str, model_type, where: str) -> Family:
+    try:
+        return family(model_type)
+    except ValueError as e:
+        raise ValueError(f"model_id {model_id!r}: {e} (read from {where})") from None
+
+
+def _from_pretrained(model_id, *, device, dtype, device_map, quantization, attn_implementation,
+                     **extra):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"dtype": dtype or "auto", "output_loading_info": True, **extra}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            **{f"load_in_{quantization}": True})
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model, info = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    if "lm_head.weight" in info.get("missing_keys", ()):
+        # Some checkpoints (LLaVA-OneVision) tie lm_head only in text_config: it would be left
+        # randomly initialised.
+        warnings.warn(f"{model_id}: lm_head.weight is not in the checkpoint; tying it to the "
+                      f"input embeddings as the text config says", stacklevel=3)
+        model.lm_head.weight = model.get_input_embeddings().weight
+    if device_map is None and quantization is None:
+        model = model.to(device)
+    return model.eval(), AutoProcessor.from_pretrained(model_id)
+
+
+def wrap(model, processor, model_id: str, fam: Family | str) -> VLM:
+    """Wrap a loaded HF model (or, for NDIF, a repo id) + processor as a `VLM`: an nnsight
+    TransformersModel with the generic standard names plus the family's overrides."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    from .resolve import standard_names
+
+    fam = family(fam) if isinstance(fam, str) else fam
+    skeleton = model if isinstance(model, torch.nn.Module) else _skeleton(model)
+    rename = {**standard_names(skeleton), **fam.rename}
+    nn_model = TransformersModel(model, task="image-text-to-text", processor=processor,
+                                 tokenizer=processor.tokenizer, rename=rename)
+    return VLM(nn_model, processor, fam, model_id,
+               torch_model=model if isinstance(model, torch.nn.Module) else None)
+
+
+def _skeleton(repo_id: str) -> torch.nn.Module:
+    """The module tree of a checkpoint, on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(repo_id))
 
 
 def _load_clip(model_id: str, device, dtype, seed: int) -> VLM:
@@ -90,10 +178,11 @@ def _load_clip(model_id: str, device, dtype, seed: int) -> VLM:
         name, _, pretrained = spec.partition("/")
         model, preprocess = clip.load_pretrained(name, pretrained or None, device=device,
                                                  dtype=dtype)
-    vlm = VLM(NNsight(model, rename=clip.RENAME), None, clip.FAMILY, model_id, torch_model=model)
+    vlm = VLM(NNsight(model, rename=clip.RENAME), None, clip.CLIP, model_id, torch_model=model)
     vlm.preprocess = preprocess
     vlm.image_size = int(model.visual.image_size[0])
     return vlm
 
 
-__all__ = ["load", "wrap", "VLM", "ModelInputs", "TINY"]
+__all__ = ["load", "wrap", "family", "family_of", "tiny_ids", "VLM", "ModelInputs", "Site",
+           "FAMILIES", "TINY"]

@@ -34,15 +34,16 @@ class ModelInputs(dict):
 
     def select_rows(self, rows) -> "ModelInputs":
         """A batch made of ``rows`` of this one (rows may repeat), without re-running the
-        processor: ``inputs.select_rows([0] * n)`` repeats a single row n times. Pixel tensors
-        flattened over patches (Qwen2-VL) are split per row by their grid; every other tensor
-        is indexed on its batch axis. One video or image per row."""
+        processor: ``inputs.select_rows([0] * n)`` repeats a single row n times. Tensors
+        flattened over patches (``meta["row_sizes"]``, set by the family's `prepare`; Qwen's
+        pixel tensors by their grid) are split per row; every other tensor is indexed on its
+        batch axis."""
         n, rows = self.batch_size, list(rows)
+        sizes = self.row_sizes()
         out = {}
         for key, value in self.items():
-            grid = self.get(_FLAT_PIXELS.get(key))
-            if grid is not None:
-                parts = value.split(grid.prod(-1).tolist())
+            if key in sizes:
+                parts = value.split(sizes[key])
                 if len(parts) != n:
                     raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
                 out[key] = torch.cat([parts[r] for r in rows])
@@ -51,24 +52,79 @@ class ModelInputs(dict):
             else:
                 raise ValueError(f"select_rows: cannot split input {key!r} by batch row")
         meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
-                for k, v in self.meta.items()}
+                for k, v in self.meta.items() if k != "row_sizes"}
+        meta["row_sizes"] = {k: [s[r] for r in rows] for k, s in sizes.items()}
         return ModelInputs(out, meta=meta)
 
+    def row_sizes(self) -> dict[str, list[int]]:
+        """Per flattened input key, how many of its leading entries belong to each row."""
+        sizes = dict(self.meta.get("row_sizes", {}))
+        for key, grid_key in _FLAT_PIXELS.items():
+            if key in self and key not in sizes and grid_key in self:
+                sizes[key] = self[grid_key].prod(-1).tolist()
+        return sizes
 
-# Qwen2-VL flattens the patches of every image/video of a batch into one tensor.
+
+# Qwen-style families flatten the patches of every image/video of a batch into one tensor;
+# a family adds its own keys in `Family.flat_inputs`.
 _FLAT_PIXELS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
 @dataclass
 class Family:
-    """What differs between model families; one instance per adapter module."""
+    """What differs between model families: one instance per file in `vlminterp.models`.
+
+    Everything a recipe needs is reached through the `VLM` and its layout; a family lists
+    facts, as data where it can:
+
+    - ``model_types``: ``config.model_type`` values it loads (hub ids and local dirs are
+      matched by their config); ``tiny``: offline ids -> builder(seed) -> (model, processor);
+    - ``layout``: the `TokenLayout` builder (see `vlminterp.models.layouts` for the shared
+      visual-run parser); ``prepare``: processor call (default: `layouts.prepare`);
+    - ``rename``: standard-name overrides on top of `resolve.standard_names`;
+    - ``image_token`` / ``video_token``: the placeholders a ``chat=False`` prompt must hold;
+    - ``visual_entry``: where visual features enter the LM: ``overwrite`` (placeholder
+      embeddings replaced), ``add`` (added onto them), ``deepstack`` (also added after early
+      decoder layers, outside the layer modules), ``per_layer`` (per-layer inputs);
+    - ``late_inputs``: for ``deepstack`` / ``per_layer``, how the LM's extra visual inputs
+      become per-row dense tensors and back (see `interventions.expand_rows`);
+    - ``flat_inputs``: input keys flattened over patches -> how to split them by row;
+    - ``attention``: predicate on a decoder layer module: does it use softmax attention
+      (default: it has ``self_attn``); ``logits_to_keep``: whether ``logits_to_keep=1`` is safe.
+    """
 
     name: str
-    rename: dict
-    prepare: Callable[..., ModelInputs]
+    model_types: tuple[str, ...]
     layout: Callable[..., Any]
+    modalities: tuple[str, ...] = ("image",)
+    tiny: dict = field(default_factory=dict)
+    prepare: Callable[..., ModelInputs] | None = None
+    rename: dict = field(default_factory=dict)
     image_token: str | None = None
+    video_token: str | None = None
+    visual_entry: str = "overwrite"
+    late_inputs: Any = None
+    flat_inputs: dict = field(default_factory=dict)
+    attention: Callable[[Any], bool] | None = None
+    logits_to_keep: bool = True
+    video_kwargs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def takes_video(self) -> bool:
+        return "video" in self.modalities
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place an intervention reads or edits: an nnsight envoy and which side of it
+    (``"output"``, or ``"input"`` = its first positional input)."""
+
+    envoy: Any
+    at: str = "output"
+
+    def __repr__(self) -> str:
+        return f"Site({getattr(self.envoy, 'path', self.envoy)!s}, at={self.at!r})"
 
 
 class VLM:
@@ -101,8 +157,10 @@ class VLM:
         the family's chat template wraps each row (user turn + generation prompt) and
         ``answer_prefix`` is appended; with ``chat=False`` the text is used verbatim and
         must already hold the family's image/video placeholder."""
-        return self.family.prepare(self, text=text, images=images, video=video, chat=chat,
-                                   answer_prefix=answer_prefix, **kwargs)
+        from .layouts import prepare
+
+        return (self.family.prepare or prepare)(self, text=text, images=images, video=video,
+                                                chat=chat, answer_prefix=answer_prefix, **kwargs)
 
     def trace(self, inputs: ModelInputs | None = None, **kwargs):
         """``vlm.model.trace`` over prepared inputs; extra kwargs go to nnsight (``remote=``…)."""
@@ -126,8 +184,40 @@ class VLM:
         return len(self.model.layers)
 
     @property
+    def attention_layers(self) -> list[int]:
+        """Decoder layers with softmax attention (where knockout and attention sites apply);
+        Qwen3.5's Gated-DeltaNet ``linear_attn`` layers, for one, are not."""
+        from .resolve import language_model
+
+        test = self.family.attention or (lambda layer: hasattr(layer, "self_attn"))
+        return [i for i, layer in enumerate(language_model(self.torch_model).layers)
+                if test(layer)]
+
+    def residual(self, layer) -> Site:
+        """The residual stream after decoder layer ``layer`` (``"embed"``: the LM input, after
+        the visual features are merged in). On every family but the deepstack ones this is
+        ``layers[i]``'s output. Qwen3-VL adds deepstack visual features to the hidden states
+        after layers 0..k-1 *outside* the layer modules, so there ``layers[i].output`` lacks
+        them and the residual is the next layer's input (``ln_final``'s input after the last)."""
+        if layer == "embed":
+            return Site(self.model.layers[0], "input")
+        i = int(layer)
+        if not -self.n_layers <= i < self.n_layers:
+            raise ValueError(f"layer {layer}: the model has {self.n_layers} decoder layers")
+        i %= self.n_layers
+        if self.family.visual_entry != "deepstack":
+            return Site(self.model.layers[i], "output")
+        if i + 1 < self.n_layers:
+            return Site(self.model.layers[i + 1], "input")
+        return Site(self.model.ln_final, "input")
+
+    @property
     def device(self) -> torch.device:
-        return next(self.torch_model.parameters()).device
+        """Where inputs go: the input embeddings' device (models split by ``device_map`` too)."""
+        try:
+            return self.torch_model.get_input_embeddings().weight.device
+        except (AttributeError, NotImplementedError):
+            return next(self.torch_model.parameters()).device
 
     @property
     def tokenizer(self):

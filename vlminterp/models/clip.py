@@ -6,30 +6,39 @@ import torch
 
 from ..tokens import ImageGeometry, ImageSpan, RowLayout, TokenLayout
 from .base import Family, ModelInputs
+from .layouts import to_pil
 
 RENAME = {"visual": "vision", "visual.transformer.resblocks": "visual.blocks"}
 
 
-def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int) -> ImageGeometry:
-    """Resize-shortest-edge then centre-crop, as CLIPImageProcessor and open_clip do."""
+def crop_geometry(size, shortest_edge: int, crop: tuple[int, int], patch: int,
+                  rounding: str = "round") -> ImageGeometry:
+    """Resize-shortest-edge then centre-crop. The crop offset (resized - crop) / 2 is rounded
+    half to even by open_clip / torchvision (``rounding="round"``) and floored by HF's
+    CLIPImageProcessor, which LLaVA uses (``"floor"``); they differ when it ends in .5 and
+    rounds up, i.e. (resized - crop) % 4 == 3."""
+    if rounding not in ("round", "floor"):
+        raise ValueError(f"rounding {rounding!r}: expected 'round' or 'floor'")
     w, h = size
     if w <= h:
         rw, rh = shortest_edge, int(shortest_edge * h / w)
     else:
         rw, rh = int(shortest_edge * w / h), shortest_edge
     cw, ch = crop
-    left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
+    if rounding == "floor":
+        left, top = (rw - cw) // 2, (rh - ch) // 2
+    else:
+        left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
     return ImageGeometry((w, h), (rw, rh), (left, top, left + cw, top + ch), patch,
                          (ch // patch, cw // patch))
 
 
 def prepare(vlm, *, text, images, video, chat, answer_prefix, **kw) -> ModelInputs:
     from .common import as_list
-    from .qwen2_vl import _to_pil
 
     if text or video is not None:
         raise ValueError("clip: the vision encoder takes images only (text=/video= not used)")
-    pil = [_to_pil(im) for im in as_list(images, "images")]
+    pil = [to_pil(im) for im in as_list(images, "images")]
     if not pil:
         raise ValueError("images: expected at least one image")
     pixels = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
@@ -47,7 +56,7 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
         geo = crop_geometry(s, size, (size, size), patch)
         row = RowLayout(seq_len=n, text=torch.zeros(0, dtype=torch.long),
                         visual=torch.arange(1, n), last=n - 1, cls=0)
-        row.images.append(ImageSpan(torch.arange(1, n), geo))
+        row.images.append(ImageSpan.single(torch.arange(1, n), geo))
         rows.append(row)
     return TokenLayout(rows)
 
@@ -60,4 +69,5 @@ def load_pretrained(name: str, pretrained: str | None, *, device, dtype):
     return model, preprocess
 
 
-FAMILY = Family("clip", RENAME, prepare, layout)
+# open_clip models load through `_load_clip` (not an HF family: no entry in `FAMILIES`).
+CLIP = Family("clip", (), layout, prepare=prepare, rename=RENAME)

@@ -97,6 +97,14 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
+def seeded_model(model_cls, config, seed: int, attn_implementation: str = "eager"):
+    """``model_cls(config)`` with seeded random weights, eager attention, in eval mode: the
+    harness every family's tiny builder ends with."""
+    config._attn_implementation = attn_implementation
+    _seeded(seed)
+    return model_cls(config).eval()
+
+
 def build_qwen2_vl(seed: int = 0, version: str = "2"):
     """Tiny Qwen2-VL (version "2") or Qwen2.5-VL (version "2.5"): 4 decoder layers, 2 vision blocks."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor

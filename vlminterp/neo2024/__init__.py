@@ -26,8 +26,8 @@ from vlminterp.neo2024.ablation import (ablated_generate, ablated_logits, datase
                                         lm_input_visual, object_ablation, run_task)
 from vlminterp.neo2024.cli import (add_common_args, add_questions_arg, check_args, load_model,
                                    load_samples, run_info, run_samples)
-from vlminterp.neo2024.knockout import (attention_knockout, knockout_logits, knockout_sets,
-                                        layer_groups, sliding_windows)
+from vlminterp.neo2024.knockout import (PAIRS, attention_knockout, knockout_blocks, knockout_logits,
+                                        knockout_sets, layer_groups, sliding_windows)
 from vlminterp.neo2024.lens import (lens_figures, lens_image, lens_view, logit_lens_topk,
                                     word_token_ids, write_lens_html)
 from vlminterp.neo2024.prompts import (ANSWER_PREFIX, TASKS, Task, continuation_id,
@@ -42,7 +42,8 @@ from vlminterp.neo2024.summaries import (mean_ci, plot_ablation, plot_knockout, 
 __all__ = [
     "ANSWER_PREFIX", "TASKS", "Task", "ablated_generate", "ablated_logits", "add_common_args",
     "add_questions_arg", "attention_knockout", "check_args", "continuation_id", "dataset_mean",
-    "first_token_match", "integrated_gradients", "knockout_logits", "knockout_sets",
+    "first_token_match", "integrated_gradients", "knockout_blocks", "knockout_logits", "knockout_sets",
+    "PAIRS",
     "layer_groups", "lens_figures", "lens_image", "lens_view", "lm_input_visual", "load_model",
     "load_questions", "load_samples", "logit_lens_topk", "mean_ci", "names_object",
     "object_ablation", "object_indices", "plot_ablation", "plot_knockout", "plot_lens",

@@ -11,6 +11,7 @@ import torch
 
 from vlminterp.checks import RecipeError, check_device, check_output, load_checked
 from vlminterp.data.coco import CocoError, CocoObjects, ObjectSample
+from vlminterp.neo2024.prompts import load_questions, question_for
 from vlminterp.remote import add_arguments as add_remote_arguments
 from vlminterp.runs import add_run_args, logged_results, open_log, result_config, run_logged
 
@@ -19,7 +20,8 @@ from vlminterp.runs import add_run_args, logged_results, open_log, result_config
 # this run's images.
 RESULT_FLAGS = ("model_id", "dtype", "coco_annotations", "image_root", "synthetic", "seed",
                 "use_boxes", "keep_all")
-SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area")
+SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
+                   "only_with_questions")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -37,10 +39,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--no_curate", action="store_true", help="keep every annotation, not only "
                    "Neo et al.'s simple scenes (<= 3 annotations, a category present once with "
-                   "area in [min_area, max_area])")
+                   "min_area < area < max_area; the first such annotation in the file)")
     p.add_argument("--max_annotations", type=int, default=3, help="curation: most annotations per image")
-    p.add_argument("--min_area", type=float, default=1000.0, help="curation: least object area (px²)")
-    p.add_argument("--max_area", type=float, default=2000.0, help="curation: most object area (px²)")
+    p.add_argument("--min_area", type=float, default=1000.0, help="curation: object area must exceed "
+                   "this (px², default 1000)")
+    p.add_argument("--max_area", type=float, default=2000.0, help="curation: object area must stay "
+                   "below this (px², default 2000)")
+    p.add_argument("--inclusive_area", action="store_true", help="curation: also keep areas equal "
+                   "to --min_area or --max_area (the original's bounds are strict)")
     p.add_argument("--use_boxes", action="store_true", help="map objects to cells by their box, "
                    "ignoring segmentation polygons")
     p.add_argument("--keep_all", action="store_true", help="keep images the un-ablated model gets "
@@ -58,8 +64,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def add_questions_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=Path, default=None, help="JSON object: image id or file "
-                   "name -> vqa question (or a list; the first is used), as the original's "
-                   "per-image questions (default: 'What is the main object in this image?')")
+                   "name -> vqa question, or a list of 0 or 1 questions (the first is used; an "
+                   "empty list = none), as the original's clean_questions.json (images without "
+                   "one get 'What is the main object in this image?')")
+    p.add_argument("--only_with_questions", action="store_true", help="use only the images "
+                   "--questions has a question for, as the original does")
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
@@ -74,6 +83,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             p.error(f"--{flag}: expected 0 or more, got {value}")
+    if getattr(args, "only_with_questions", False) and args.questions is None:
+        p.error("--only_with_questions needs --questions FILE")
     for flag in ("device", "dtype"):
         if args.remote and getattr(args, flag) is not None:
             p.error(f"--{flag}: the NDIF server places the model and picks its dtype; drop it "
@@ -118,12 +129,20 @@ def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
     try:
         coco = CocoObjects(annotations, image_root)
         samples = coco.samples(not args.no_curate, max_annotations=args.max_annotations,
-                               min_area=args.min_area, max_area=args.max_area, limit=args.limit)
+                               min_area=args.min_area, max_area=args.max_area,
+                               inclusive_area=args.inclusive_area)
+        if getattr(args, "only_with_questions", False):
+            questions = load_questions(args.questions)
+            kept = [s for s in samples if question_for(questions, s) is not None]
+            if samples and not kept:
+                raise RecipeError(f"{args.questions}: none of the curated images has a question "
+                                  f"(--only_with_questions)")
+            samples = kept
     except CocoError as e:
         raise RecipeError(str(e).splitlines()[0]) from None
     if not samples:
         raise RecipeError(f"{annotations}: no samples pass the filter (try --no_curate)")
-    return coco, samples
+    return coco, samples[:args.limit]
 
 
 def run_samples(samples, log, desc: str, fn) -> None:

@@ -53,25 +53,47 @@ def knockout_sets(row, object_pos: dict[int, Tensor]) -> tuple[dict, dict]:
     return sources, targets
 
 
+PAIRS = ("product", "no_self")
+
+
+def knockout_blocks(sources: Tensor, targets: Tensor, pairs: str = "product"
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """``(sources, targets)`` blocks whose (target, source) products together make the blocked
+    attention edges. ``product`` (the original's ``itertools.product(targets, sources)``): every
+    target is cut from every source, itself included when it is both; ``no_self``: the same
+    but a position keeps its attention to itself."""
+    if pairs not in PAIRS:
+        raise ValueError(f"knockout pairs {pairs!r}: expected one of {', '.join(PAIRS)}")
+    if pairs == "product":
+        return [(sources, targets)]
+    both = torch.isin(targets, sources)
+    blocks = [(sources, targets[~both])] if (~both).any() else []
+    return blocks + [(sources[sources != t], t.reshape(1)) for t in targets[both]]
+
+
 def _knockout_rows(vlm, chunk) -> None:
-    """Inside a trace: batch row ``i`` gets the knockout ``chunk[i]`` (None = none)."""
-    knockout_attention_rows(vlm, [(row, *c) for row, c in enumerate(chunk) if c is not None])
+    """Inside a trace: batch row ``i`` gets the knockout ``chunk[i]`` (None = none): one
+    ``(sources, targets, layers)`` or a list of them."""
+    knockout_attention_rows(vlm, [(row, *b) for row, c in enumerate(chunk) if c is not None
+                                  for b in (c if isinstance(c, list) else [c])])
 
 
 def knockout_logits(vlm, inputs: ModelInputs, conditions, batch_size: int = 16
                     ) -> Float[Tensor, "rows vocab"]:
-    """Last-position logits of the single-row ``inputs`` once per ``(sources, targets,
-    layers)`` condition (None = no knockout), ``batch_size`` rows per traced forward."""
+    """Last-position logits of the single-row ``inputs`` once per condition: a ``(sources,
+    targets, layers)`` knockout, a list of them applied together, or None (no knockout);
+    ``batch_size`` rows per traced forward."""
     return last_logits(vlm, inputs, conditions, _knockout_rows, batch_size)
 
 
 def attention_knockout(vlm, image, sample: ObjectSample, *, window: int | None = None,
                        groups: bool = True, sources=None, targets=None, batch_size: int = 16,
                        keep_all: bool = False, use_polygons: bool = True,
-                       question: str | None = None) -> list[dict]:
+                       question: str | None = None, pairs: str = "product") -> list[dict]:
     """Knock out attention source -> target over layer groups and sliding windows of
     ``window`` layers (default: 9 of 32, scaled) under the vqa prompt; one record per
-    (source, target, layers) plus the baseline."""
+    (source, target, layers) plus the baseline. ``pairs``: which edges a (source, target) set
+    cuts (`knockout_blocks`; default the original's full product)."""
     task = vqa_task(question)
     inputs, _, answer_id = task_inputs(vlm, image, task, sample.category)
     base = score(vlm, knockout_logits(vlm, inputs, [None]), answer_id)[0]
@@ -81,7 +103,7 @@ def attention_knockout(vlm, image, sample: ObjectSample, *, window: int | None =
     span = row.images[0]
     obj = {b: span.positions[object_indices(span, sample, b, use_polygons)] for b in (0, 1, 2)}
     if not (keep_all or base["correct"]) or not len(obj[0]):
-        reason = "object outside the model's view" if len(obj[0]) else "baseline incorrect"
+        reason = "baseline incorrect" if len(obj[0]) else "object outside the model's view"
         return [{**records[0], "skipped": reason}]
     src_sets, tgt_sets = knockout_sets(row, obj)
     n = vlm.n_layers
@@ -89,14 +111,16 @@ def attention_knockout(vlm, image, sample: ObjectSample, *, window: int | None =
     layer_sets.update(sliding_windows(n, window or max(1, int(math.floor(9 * n / 32 + 0.5)))))
     conds = [(s, t, name) for s in (sources or src_sets) for t in (targets or tgt_sets)
              for name in layer_sets]
-    masks = []
-    for s, t, name in conds:
-        src, tgt = src_sets[s], tgt_sets[t]
-        masks.append((src[~torch.isin(src, tgt)], tgt, layer_sets[name]))
+    masks = [[(src, tgt, layer_sets[name])
+              for src, tgt in knockout_blocks(src_sets[s], tgt_sets[t], pairs)]
+             for s, t, name in conds]
     results = score(vlm, knockout_logits(vlm, inputs, masks, batch_size), answer_id)
-    for (s, t, name), (src, tgt, layers), res in zip(conds, masks, results):
-        records.append({"source": s, "target": t, "layers": name, "layer_list": layers, **res,
-                        "n_sources": len(src), "n_targets": len(tgt),
+    for (s, t, name), res in zip(conds, results):
+        src, tgt = src_sets[s], tgt_sets[t]
+        records.append({"source": s, "target": t, "layers": name,
+                        "layer_list": layer_sets[name], **res,
+                        "n_sources": len(src), "n_targets": len(tgt), "pairs": pairs,
+                        "n_overlap": int(torch.isin(tgt, src).sum()),
                         "delta_p": res["p_correct"] - base["p_correct"],
                         "baseline_correct": base["correct"]})
     return records

@@ -44,8 +44,10 @@ def vqa_task(question: str | None = None) -> Task:
 
 def load_questions(path: Path | None) -> dict[str, str]:
     """Per-image vqa questions: a JSON object mapping image id (as a string) or file name to
-    a question, or to a list of questions (the first is used), as the original's
-    clean_questions file. Errors name the file and the entry."""
+    a question, or to a list of questions (the first is used). The original's
+    clean_questions.json maps every image id to a list of 0 or 1 questions: an empty list
+    means the image has none (it is left out of the result). Errors name the file and the
+    entry."""
     if path is None:
         return {}
     try:
@@ -56,7 +58,9 @@ def load_questions(path: Path | None) -> dict[str, str]:
         raise SystemExit(f"{path}: expected an object mapping image ids to questions")
     out = {}
     for key, q in data.items():
-        q = q[0] if isinstance(q, list) and q else q
+        if q == []:
+            continue
+        q = q[0] if isinstance(q, list) else q
         if not isinstance(q, str) or not q.strip():
             raise SystemExit(f"{path}: [{key!r}]: expected a question string, got {q!r}")
         out[str(key)] = q.strip()

@@ -197,9 +197,9 @@ def load_remote(model_id: str, *, host: str | None = None, api_key: str | None =
         model_id = os.path.abspath(model_id)
         # The key of a local dir is the dir itself; skip nnsight's hub lookup of the id.
         huggingface._ID_CACHE[model_id] = model_id
-    kind = models._kind(model_id)
+    fam = models.family_of(model_id)
     processor = AutoProcessor.from_pretrained(model_id)
-    wrapped = models.wrap(model_id, processor, model_id, kind)
+    wrapped = models.wrap(model_id, processor, model_id, fam)
     return RemoteVLM(wrapped.model, processor, wrapped.family, model_id,
                      torch_model=wrapped.model._module,
                      settings=config)

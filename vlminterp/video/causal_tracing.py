@@ -40,7 +40,7 @@ from ..tokens import TokenSlice
 from .tracing_summary import (MIN_TOTAL_EFFECT, UNSTABLE_DOC, effect_grid, empty_note,  # noqa: F401
                               excluded_note, mark_unstable, summarise)
 
-VPRIME_ROWS = 128
+VPRIME_SHAPE = (128, 1024)  # the original's --vprime_n, --vprime_d
 DIRECTIONS = ("denoise", "noise")
 EFFECT_DOC = {
     "denoise": "(patched - counterfactual) / (clean - counterfactual): clean activations patched "
@@ -180,11 +180,13 @@ def _check_rows_align(lay) -> None:
 
 
 def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
-              direction: str = "denoise", dump: bool = False, lay=None):
+              direction: str = "denoise", dump: bool = False, lay=None,
+              dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE):
     """One traced forward over ``pair`` (prepared rows [clean, counterfactual]) whose language
     model runs rows [clean, counterfactual, patched...] (`expand_rows`: the vision tower runs
     on the 2 distinct rows only). ``lay``: the pair's layout, if the caller has it. Returns
-    (scores [2 + k], {spec: SliceInfo}, representations of rows 0 and 1 or None)."""
+    (scores [2 + k], {spec: SliceInfo}, representations of rows 0 and 1 or None); with
+    ``dump`` the means pool over ``dump_slice`` (the run's --token_slice, see `_representations`)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
     src, dst = (0, 1) if direction == "denoise" else (1, 0)
@@ -197,7 +199,7 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
         rows.setdefault(c.layer, {}).setdefault(c.token_slice, []).append(2 + j)
     layers = sorted(set(rows) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
                     key=_layer_order)
-    real = torch.nonzero(pair["attention_mask"][0].cpu()).flatten()
+    pooled = resolve_slice(lay, dump_slice).positions if dump else None
     keep = last_logits_kwargs(vlm)
     at = -1 if keep else lay[0].last
     with torch.no_grad(), vlm.trace(pair, **keep):
@@ -209,25 +211,31 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
                 patch(site, infos[spec].positions, src_row=src, dst_rows=dst_rows, at=side)
             if dump:
                 h = site_tensor(site, side)
-                reps[layer] = h[0:2, lay[0].visual].mean(1).save()
+                reps[layer] = h[0:2, pooled].mean(1).save()
                 if layer == "embed":
-                    reps["inputs_mean"] = h[0:2, real].mean(1).save()
+                    reps["visual_mean"] = h[0:2, lay[0].visual].mean(1).save()
                     reps["vprime"] = h[0:2, lay[0].visual].save()
         logits = vlm.lm_head.output[:, at].save()
     scores = option_margin(logits.float(), option_ids_, correct).tolist()
-    return scores, infos, (_representations(vlm, reps) if dump else None)
+    return scores, infos, (_representations(vlm, reps, vprime_shape) if dump else None)
 
 
-def _representations(vlm, reps: dict) -> list[dict[str, Tensor]]:
-    """Per row (clean, counterfactual): inputs_mean [d] (all LM input tokens), visual_mean [d]
-    (LM input at visual tokens = the projector's output), layers_mean [n_layers, d] (mean over
-    visual tokens of each layer's output), vprime [128, d] fp16 (LM-input visual tokens
-    resized along the token axis by linear interpolation)."""
+def _representations(vlm, reps: dict, vprime_shape: tuple[int, int] = VPRIME_SHAPE
+                     ) -> list[dict[str, Tensor]]:
+    """Per row (clean, counterfactual), as the original defines them:
+
+    * ``inputs_mean`` [d]: the language model's input (visual features merged in) averaged over
+      the --token_slice positions;
+    * ``visual_mean`` [d]: that input averaged over every visual token (the projector's output);
+    * ``layers_mean`` [n_layers, d]: each decoder layer's output averaged over --token_slice;
+    * ``vprime`` [n', d'] fp16: the LM-input visual tokens [n_visual, d] resized on both axes to
+      ``vprime_shape`` (default 128 x 1024) by bilinear interpolation (``align_corners=False``).
+    """
     layers = torch.stack([reps[i] for i in range(vlm.n_layers)], dim=1)  # [2, n_layers, d]
-    vp = F.interpolate(reps["vprime"].float().transpose(1, 2), size=VPRIME_ROWS, mode="linear",
-                       align_corners=True).transpose(1, 2)
-    return [{"inputs_mean": reps["inputs_mean"][r].float().cpu(),
-             "visual_mean": reps["embed"][r].float().cpu(),
+    vp = F.interpolate(reps["vprime"].float()[:, None], size=tuple(vprime_shape), mode="bilinear",
+                       align_corners=False)[:, 0]
+    return [{"inputs_mean": reps["embed"][r].float().cpu(),
+             "visual_mean": reps["visual_mean"][r].float().cpu(),
              "layers_mean": layers[r].float().cpu(),
              "vprime": vp[r].to(torch.float16).cpu()} for r in range(2)]
 
@@ -244,11 +252,13 @@ def _effect(direction: str, patched: float, cf: float, clean: float) -> float | 
 def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt: str,
                  option_ids_: list[int], correct: int, token_slice: str = "visual",
                  layers: list | None = None, direction: str = "denoise", swap_spans=None,
-                 batch_size: int = 8, dump: bool = False, question_id: str = ""):
+                 batch_size: int = 8, dump: bool = False, question_id: str = "",
+                 vprime_shape: tuple[int, int] = VPRIME_SHAPE):
     """Trace every (counterfactual, layer, slice) condition of one sample.
 
     Returns ``(records, representations)``: one record per condition (see the module doc), and
-    with ``dump=True`` ``{"clean": tensors, counterfactual name: tensors}``."""
+    with ``dump=True`` ``{"clean": tensors, counterfactual name: tensors}`` (`_representations`,
+    pooled over ``token_slice``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     layers = ["embed", *range(vlm.n_layers)] if layers is None else layers
@@ -262,7 +272,8 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
             chunk = conds[k:k + batch_size]
             want = dump and k == 0
             scores, infos, rows = run_chunk(vlm, pair, chunk, option_ids_, correct, direction,
-                                            dump=want, lay=lay)
+                                            dump=want, lay=lay, dump_slice=conds[0].token_slice,
+                                            vprime_shape=vprime_shape)
             if want:
                 reps.setdefault("clean", rows[0])
                 reps[name] = rows[1]

@@ -95,8 +95,10 @@ def reverse(frames: Frames) -> Frames:
 
 
 def motion_destroy(frames: Frames) -> Frames:
-    """The median frame (index T//2) repeated T times: appearance kept, motion removed."""
-    median = frames[len(frames) // 2]
+    """Every frame replaced by the per-pixel temporal median of the clip (the original's
+    definition): appearance kept, motion removed. With an even frame count the median of a
+    pixel is the mean of its two middle values, truncated to uint8 (``np.median(...).astype``)."""
+    median = np.median(frames, axis=0).astype(np.uint8)
     return np.repeat(median[None], len(frames), axis=0)
 
 

@@ -2,15 +2,17 @@
 (or otherwise) decodable from a stored representation?
 
 * Have-1 (binary): does the representation tell the clean clip from its counterfactual?
-  ``single``: clean -> 1, counterfactual -> 0; ``pair``: [clean; cf] -> 1 vs [cf; clean] -> 0
-  (concatenated along the feature axis).
+  ``single``: clean -> 1, counterfactual -> 0, one clean example per counterfactual (balanced,
+  as the original); ``pair``: [clean; cf] -> 1 vs [cf; clean] -> 0 (concatenated along the
+  feature axis).
 * Have-2 (multi-class): does the clean representation predict an annotation label?
 
 Probe models: ``linear``, ``mlp`` (hidden 128), ``lstm`` (over the rows of ``vprime``), all in
 torch (AdamW lr 1e-3, 10 epochs, batch 32, seeded), and ``logreg`` (scikit-learn). Features are
 standardised with the training split's mean and std. The split is by sample id (a group: by
-default the video, since the questions on one video share its visual tokens): 20% of the ids are
-held out and no id is on both sides. Reported: validation accuracy, AUROC (binary), the majority
+default the video, since the questions on one video share its visual tokens; the original grouped
+by question id, which let one video's questions fall on both sides): 20% of the groups are held
+out and no group is on both sides. Reported: validation accuracy, AUROC (binary), the majority
 baseline (training majority class), and a shuffled-label control (the same probe trained on
 permuted training labels); selectivity = accuracy - control accuracy.
 """
@@ -185,7 +187,11 @@ def _by_question(store, keep=None) -> dict[str, dict]:
 
 def have1_dataset(store, representation: str, layer: int | None = None, mode: str = "single",
                   counterfactuals: Sequence[str] | None = None, keep=None):
-    """``(x, y, groups)`` for Have-1 (see the module doc); groups are video names."""
+    """``(x, y, groups)`` for Have-1 (see the module doc): per question and counterfactual,
+    ``single`` adds (clean, 1) and (cf, 0) — the clean representation once per counterfactual,
+    so the classes are balanced as in the original — and ``pair`` adds ([clean; cf], 1) and
+    ([cf; clean], 0). Groups are video names (the question id where none is stored), so every
+    copy of a clean representation falls on the same side of the split."""
     if mode not in ("single", "pair"):
         raise ValueError(f"mode {mode!r}: expected 'single' or 'pair'")
     xs, ys, groups = [], [], []
@@ -195,10 +201,10 @@ def have1_dataset(store, representation: str, layer: int | None = None, mode: st
         if "clean" not in conds or not cfs:
             continue
         clean = feature(store.get(conds["clean"]), representation, layer)
-        items = [(clean, 1)] if mode == "single" else []  # one clean example per question
+        items = []  # per counterfactual one positive and one negative: balanced, as the original
         for key in cfs:
             cf = feature(store.get(key), representation, layer)
-            items += ([(cf, 0)] if mode == "single" else
+            items += ([(clean, 1), (cf, 0)] if mode == "single" else
                       [(torch.cat([clean, cf], -1), 1), (torch.cat([cf, clean], -1), 0)])
         group = store.meta(conds["clean"]).get("video_name") or qid
         for x, label in items:
