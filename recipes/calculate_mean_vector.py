@@ -1,7 +1,8 @@
 """Mean vector of a stored representation, for mean ablation (``ablate(kind="mean", mean=...)``).
 
 Streams over an activation store (or a folder of legacy ``*.pt`` tensors, read with
-``torch.load(weights_only=True)``) in constant memory and writes ``mean_vector.safetensors``
+``torch.load(weights_only=True)``; the original script's ``[1, N, d]`` caches, N differing per
+file, average over all their tokens) in constant memory and writes ``mean_vector.safetensors``
 (tensor ``mean_vector`` [d]; load it with ``vlminterp.store.load_vector``).
 Example: python -m recipes.calculate_mean_vector runs/demo/tracing_representations
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlminterp.store import save_vector, streaming_mean
+from vlminterp.checks import check_output
+from vlminterp.runs import final_line
+from vlminterp.store import legacy_ndim, save_vector, streaming_mean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "key inside legacy .pt dicts (default: visual_mean)")
     p.add_argument("--layer_idx", type=int, help="row of a [n_layers, d] tensor (layers_mean)")
     p.add_argument("--over", choices=["sample", "rows"], help="average each stored tensor as one "
-                   "sample, or every row of every [n, d] tensor (default: rows for vprime, else "
-                   "sample)")
+                   "sample, or every d-vector of every [..., d] tensor (default: rows for vprime "
+                   "and for legacy *.pt caches of [1, N, d] tensors — the original script's mean "
+                   "over all their tokens, N may differ per file — else sample)")
     p.add_argument("--output", type=Path, help="output file (default: DIR/mean_vector.safetensors)")
     return p
 
@@ -35,8 +39,12 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
         parser.error(f"DIR {str(args.dir)!r} is not a folder")
-    over = args.over or ("rows" if args.name == "vprime" else "sample")
+    output = args.output or args.dir / "mean_vector.safetensors"
     try:
+        check_output(output)
+        legacy = (not (args.dir / "index.json").exists()
+                  and (legacy_ndim(args.dir, args.name) or 0) >= 3)
+        over = args.over or ("rows" if args.name == "vprime" or legacy else "sample")
         mean = streaming_mean(args.dir, args.name, over=None if over == "sample" else "rows")
         if args.layer_idx is not None:
             if mean.ndim != 2 or not -mean.shape[0] <= args.layer_idx < mean.shape[0]:
@@ -48,10 +56,9 @@ def main(argv: list[str] | None = None):
                              f"vector is [d]: pick a row with --layer_idx or use --over rows")
     except ValueError as e:
         parser.error(str(e))
-    path = save_vector(args.output or args.dir / "mean_vector.safetensors", mean,
-                       meta={"source": str(args.dir), "name": args.name, "over": over,
-                             "layer_idx": args.layer_idx})
-    print(f"Saved mean of {args.name!r} (shape {tuple(mean.shape)}) to {path}")
+    path = save_vector(output, mean, meta={"source": str(args.dir), "name": args.name,
+                                           "over": over, "layer_idx": args.layer_idx})
+    final_line(f"the mean of {args.name!r} over {over} (shape {tuple(mean.shape)})", [path], 0)
     return mean
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlminterp.checks import check_output
 from vlminterp.circuits import check_fit_matches_features, cluster_interventions, load_artifact
+from vlminterp.runs import final_line
 from vlminterp.store import write_json_atomic
 
 
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(args.out, "--out")
         features = load_artifact(args.features, "features")
         fit = load_artifact(args.fit, "fit")
         check_fit_matches_features(fit, args.fit, features, args.features)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         "features_file": str(args.features), "fit_file": str(args.fit), "max_clusters": args.max_clusters,
         "num_permutations": args.num_permutations, "seed": args.seed, "effects": [e.to_dict() for e in effects],
     })
-    print(f"Saved causal summary to {args.out}; effects={len(effects)}")
+    final_line(f"{len(effects)} cluster effects", [args.out], 0)
 
 
 if __name__ == "__main__":

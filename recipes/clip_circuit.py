@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlminterp.checks import check_output
 from vlminterp.circuits import group_paths, load_artifact, save_head_heatmaps, top_k_paths
+from vlminterp.runs import final_line
 from vlminterp.store import write_json_atomic
 
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(args.out, "--out")
         fit = load_artifact(args.fit, "fit")
         paths = top_k_paths(fit["prototypes"].float(), fit["counts"].long(), top_k=args.top_k)
     except ValueError as e:
@@ -38,10 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(args.out, {
         "fit_file": str(args.fit), "layer": fit.get("layer"), "next_layer": fit.get("next_layer"),
         "top_k": args.top_k, "paths": [p.to_dict() for p in paths], "groups": group_paths(paths),
+        "fit_fingerprint": fit.get("fingerprint"),
     })
+    outputs = [args.out]
     if args.heatmap_dir is not None:
         save_head_heatmaps(fit["prototypes"].float(), args.heatmap_dir, counts=fit["counts"].long())
-    print(f"Saved circuit paths to {args.out}; paths={len(paths)}")
+        outputs.append(args.heatmap_dir)
+    final_line(f"{len(paths)} circuit paths", outputs, 0)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlminterp.circuits import cluster_gates, load_trace, save_artifact
+from vlminterp.checks import check_output
+from vlminterp.circuits import artifact_paths, cluster_gates, load_trace, save_artifact
+from vlminterp.runs import final_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,20 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(artifact_paths(args.out).json, "--out")
         trace = load_trace(args.trace)
         result = cluster_gates(trace.tensor(args.gate_key), num_clusters=args.num_clusters,
                                sample_tokens=args.sample_tokens, seed=args.seed)
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     meta = {"trace_file": str(args.trace), "layer": trace.meta.get("layer"),
-            "next_layer": trace.meta.get("next_layer"), "num_clusters": args.num_clusters}
+            "next_layer": trace.meta.get("next_layer"), "num_clusters": args.num_clusters,
+            "trace_fingerprint": trace.fingerprint}
     if args.gate_key != "ffn_gate_l":
         meta["gate_key"] = args.gate_key
     path = save_artifact(args.out, "features", meta, {
         "labels": result.labels, "centroids": result.centroids, "cluster_sizes": result.cluster_sizes,
         "cluster_activation_rates": result.cluster_activation_rates,
     })
-    print(f"Saved clusters to {path} with {args.num_clusters} clusters; tokens={result.labels.numel()}.")
+    final_line(f"{args.num_clusters} clusters of {result.labels.numel()} tokens",
+               [path, artifact_paths(args.out).arrays], 0)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlminterp.circuits import (PrototypeAccumulator, ReconstructionScore, check_features_match_trace,
-                                load_artifact, load_trace, reconstruct, save_artifact)
+from vlminterp.checks import check_output
+from vlminterp.circuits import (PrototypeAccumulator, ReconstructionScore, artifact_paths,
+                                check_features_match_trace, load_artifact, load_trace, reconstruct,
+                                save_artifact)
+from vlminterp.runs import final_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(artifact_paths(args.out).json, "--out")
         trace = load_trace(args.trace)
         features = load_artifact(args.features, "features")
         check_features_match_trace(trace, features, args.features)
@@ -51,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     path = save_artifact(args.out, "fit", {
         "trace_file": str(args.trace), "features_file": str(args.features), "layer": trace.meta.get("layer"),
         "next_layer": trace.meta.get("next_layer"), "mse": mse, "r2": r2,
+        "trace_fingerprint": trace.fingerprint, "features_fingerprint": features.get("fingerprint"),
     }, {"prototypes": fit.prototypes, "counts": fit.counts})
-    print(f"Saved fit to {path}; mse={mse:.6f}, r2={r2:.6f}")
+    final_line(f"the fit (mse={mse:.6f}, r2={r2:.6f})", [path, artifact_paths(args.out).arrays], 0)
 
 
 if __name__ == "__main__":

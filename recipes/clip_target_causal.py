@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vlminterp.circuits import (check_features_match_trace, check_fit_matches_features, edge_columns,
-                                load_artifact, load_trace, target_edge_effects)
+from vlminterp.checks import check_output
+from vlminterp.circuits import (check_circuit_matches_fit, check_features_match_trace,
+                                check_fit_matches_features, edge_columns, load_artifact, load_trace,
+                                target_edge_effects)
+from vlminterp.runs import final_line
 from vlminterp.store import write_json_atomic
 
 
@@ -37,26 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_paths(path: Path, top_n: int) -> list[dict]:
+def _read_circuit(path: Path) -> dict:
     try:
         circuit = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"circuit file {path}: cannot read it ({str(e).splitlines()[0]})") from None
     if not isinstance(circuit, dict) or not isinstance(circuit.get("paths"), list):
         raise ValueError(f"circuit file {path} has no 'paths' list")
-    return circuit["paths"][:top_n]
+    return circuit
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(args.out, "--out")
         trace = load_trace(args.trace)
         features = load_artifact(args.features, "features")
         fit = load_artifact(args.fit, "fit")
         check_features_match_trace(trace, features, args.features)
         check_fit_matches_features(fit, args.fit, features, args.features)
-        paths = _read_paths(args.circuit, args.top_n)
+        circuit = _read_circuit(args.circuit)
+        check_circuit_matches_fit(circuit, args.circuit, fit, args.fit)
+        paths = circuit["paths"][:args.top_n]
         batches = tqdm(trace.batches(["attn_logits_l1"]), desc="edges", unit="batch", total=len(trace.meta["batches"]))
         real = torch.cat([edge_columns(t["attn_logits_l1"].float(), paths) for _, t in batches], dim=1)
         effects = target_edge_effects(features["labels"].long(), fit["prototypes"].float(), real, paths,
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         "circuit_file": str(args.circuit), "top_n": args.top_n, "num_permutations": args.num_permutations,
         "seed": args.seed, "effects": [e.to_dict() for e in effects],
     })
-    print(f"Saved target-edge causal summary to {args.out}; effects={len(effects)}")
+    final_line(f"{len(effects)} target-edge effects", [args.out], 0)
 
 
 if __name__ == "__main__":

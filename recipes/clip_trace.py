@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-import vlminterp
-from vlminterp.circuits import (TraceWriter, capture_batch, check_layers, clip_model_id, image_source,
-                                pretrained_tag)
+import torch
+
+from vlminterp.checks import check_device, check_output, load_checked
+from vlminterp.circuits import (TraceWriter, artifact_paths, capture_batch, check_layers, clip_model_id,
+                                image_source, pretrained_tag)
+from vlminterp.runs import final_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
                         ("--synthetic", args.synthetic if args.synthetic is not None else 1)):
         if value < 1:
             parser.exit(2, f"{parser.prog}: error: {flag}: expected a positive number, got {value}\n")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_output(artifact_paths(args.out).json, "--out")
+        device = check_device(args.device)
         torch.manual_seed(args.seed)  # open_clip's random init draws from torch's global generator
-        vlm = vlminterp.load(clip_model_id(args.model, args.pretrained), device=device, seed=args.seed)
+        vlm = load_checked(clip_model_id(args.model, args.pretrained), device=device, seed=args.seed)
         check_layers(len(vlm.vision.blocks), layer, next_layer, model=args.model)
         ids, load = image_source(imagenet_root=args.imagenet_root, split=args.split,
                                  image_folder=args.image_folder, synthetic=args.synthetic,
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         inputs = vlm.prepare(images=[load(start + i) for i in range(len(chunk))])
         writer.add(chunk, capture_batch(vlm, inputs, layer, next_layer, continuous=args.continuous_gate))
     path = writer.close()
-    print(f"Saved trace to {path} with {len(ids)} images.")
+    final_line(f"the trace of {len(ids)} images", [path, writer.paths.shards], 0)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,15 @@ from vlminterp.video import causal_tracing as ct
 from vlminterp.video.counterfactuals import make_counterfactuals
 from vlminterp.video.multiple_choice import mc_prompt, option_ids
 from vlminterp.plots import heatmap
-from vlminterp.recipe_utils import (add_video_args, check_frame_args, exit_on_remote_error,
-                                    load_video_model, open_video_dataset, run_resumable)
+from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError, add_video_args,
+                                    check_frame_args, check_run_args, final_line, load_video_model,
+                                    logged_results, open_log, open_video_dataset, recipe_main,
+                                    result_config, run_logged, sample_frames)
 from vlminterp.store import ActivationStore, write_json_atomic
+
+RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
+                                     "dump_representations", "layers", "direction", "vprime_n",
+                                     "vprime_d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,32 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
       "also holds the clean and counterfactual rows (default: 8)")
     a("--direction", choices=ct.DIRECTIONS, default="denoise", help="denoise: clean -> "
       "counterfactual run (as the original); noise: counterfactual -> clean run")
+    a("--min_total_effect", type=float, default=ct.MIN_TOTAL_EFFECT, help="records whose total "
+      "effect |clean - counterfactual| is below this many logits are marked unstable (their "
+      "normalised effect divides by almost 0) and left out of the means (default: "
+      f"{ct.MIN_TOTAL_EFFECT})")
+    a("--include_unstable", action="store_true", help="average the unstable records too")
     return p
 
 
-@exit_on_remote_error
+@recipe_main
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    png = args.output.with_name(args.output.stem + "_heatmap.png")
+    store_dir = args.representations_output or args.output.with_name(
+        args.output.stem + "_representations")
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
-        if min(args.batch_size, args.num_frames, args.vprime_n, args.vprime_d) < 1:
-            raise ValueError("--batch_size, --num_frames, --vprime_n and --vprime_d must be positive")
+        if min(args.batch_size, args.num_frames, args.vprime_n, args.vprime_d,
+               1 if args.limit is None else args.limit) < 1:
+            raise ValueError("--batch_size, --num_frames, --vprime_n, --vprime_d and --limit must "
+                             "be positive")
+        if args.min_total_effect < 0:
+            raise ValueError(f"--min_total_effect: expected >= 0, got {args.min_total_effect}")
+        check_run_args(args)
+        log = open_log(args.output.with_suffix(".jsonl"), result_config(args, RESULT_FLAGS),
+                       restart=args.restart, retry_errors=args.retry_errors,
+                       outputs=[args.output, png, store_dir])
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
                                   args.output.parent, args.num_frames)
         vlm = load_video_model(args)
         layers = ct.parse_layers(args.layers, vlm.n_layers)
+    except RecipeError:
+        raise
     except ValueError as e:
         parser.error(str(e))
     names = (["local_swap"] if spans else []) + ["reverse", "motion_destroy"] + \
         (["motion_only"] if args.include_motion_only else [])
-    store = ActivationStore(args.representations_output or args.output.with_name(
-        args.output.stem + "_representations")) if args.dump_representations else None
+    store = ActivationStore(store_dir) if args.dump_representations else None
 
     def trace(s) -> list[dict]:
         if s.answer_index is None or not s.candidates:
-            raise ValueError("tracing needs candidates and a known answer")
-        clean = data.load_frames(s)
+            raise SampleError("tracing needs candidates and a known answer")
+        clean = sample_frames(data, s)
         records, reps = ct.trace_sample(
             vlm, clean, make_counterfactuals(clean, names, swap_spans=spans),
             mc_prompt(s.question, s.candidates), option_ids(vlm, len(s.candidates)),
@@ -90,22 +113,33 @@ def main(argv: list[str] | None = None) -> dict:
                 "video_name": s.video_name, "task_name": s.task_name, "answer": s.answer})
         return records
 
-    records, errors = run_resumable(list(data), args.output.with_suffix(".jsonl"), trace,
-                                    "tracing", args.retry_errors)
-    summary = ct.summarise(records)
-    png = args.output.with_name(args.output.stem + "_heatmap.png")
+    samples = list(data)[:args.limit]
+    run_logged(samples, log, trace, "tracing")
+    records, errors = logged_results(samples, log)
+    unstable = ct.mark_unstable(records, args.min_total_effect)
+    summary = ct.summarise(records, include_unstable=args.include_unstable)
+    excluded = 0 if args.include_unstable else unstable
     heatmap(ct.effect_grid(summary, layers, names, str(sl)), png, row_labels=[str(x) for x in layers],
-            col_labels=names, title=f"mean {args.direction} effect, {sl}", xlabel="counterfactual",
-            ylabel="layer", cbar_label="effect", center=0)
+            col_labels=names, counts=ct.effect_grid(summary, layers, names, str(sl), "n"),
+            title=f"mean {args.direction} effect, {sl}" + ct.excluded_note(excluded, len(records),
+                                                                            args.min_total_effect),
+            xlabel="counterfactual", ylabel="layer", cbar_label="effect", center=0,
+            empty_note=ct.empty_note(records, excluded))
     result = {"config": {"model_id": args.model_id, "num_frames": args.num_frames,
                          "token_slice": str(sl), "swap_spans": args.swap_spans,
                          "counterfactuals": names, "layers": layers, "direction": args.direction,
                          "batch_size": args.batch_size, "annotations": str(data.annotations_json),
-                         "remote": args.remote},
-              "effect": ct.EFFECT_DOC[args.direction], "summary": summary, "heatmap": png.name,
-              "records": records, "errors": errors}
+                         "remote": args.remote, "min_total_effect": args.min_total_effect,
+                         "include_unstable": args.include_unstable},
+              "effect": ct.EFFECT_DOC[args.direction],
+              "unstable": {"threshold": args.min_total_effect, "records": unstable,
+                           "excluded_from_means": excluded, "of": len(records),
+                           "definition": ct.UNSTABLE_DOC},
+              "summary": summary, "heatmap": png.name, "records": records,
+              "errors": [{"question_id": q, "error": e} for q, e in errors.items()]}
     write_json_atomic(args.output, result)
-    print(f"Saved {len(records)} records ({len(errors)} errors) to {args.output} and {png}")
+    final_line(f"{len(records)} records ({excluded} unstable left out of the means)",
+               [args.output, png] + ([store_dir] if store else []), len(errors))
     return result
 
 

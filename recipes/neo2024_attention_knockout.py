@@ -21,9 +21,17 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from vlminterp import neo2024 as neo
-from vlminterp.recipe_utils import exit_on_remote_error
-from vlminterp.store import ResultLog, write_json_atomic
+from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
+from vlminterp.neo2024.cli import SELECTION_FLAGS  # noqa: F401  (not result flags here)
+from vlminterp.neo2024.cli import open_results_log, results
+from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.store import write_json_atomic
+
+RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups",
+                                      "knockout_pairs")
 
 SOURCES = ("obj_b0", "obj_b1", "obj_b2", "image_minus_obj_b1", "visual")
 TARGETS = ("last", "last_row", "text")
@@ -57,31 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_remote_error
+@recipe_main
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     neo.check_args(parser, args)
     sources = _names(parser, "sources", args.sources, SOURCES)
     targets = _names(parser, "targets", args.targets, TARGETS)
-    vlm = neo.load_model(args)
-    coco, samples = neo.load_samples(args)
-    questions = neo.load_questions(args.questions)
-    log = ResultLog(args.output.with_suffix(".jsonl"))
+    stem = args.output.with_suffix("")
+    with as_recipe_errors():
+        log = open_results_log(args, RESULT_FLAGS, outputs=[Path(f"{stem}.png"),
+                                                            Path(f"{stem}_groups.png")])
+        vlm = neo.load_model(args)
+        coco, samples = neo.load_samples(args)
+        questions = neo.load_questions(args.questions)
     neo.run_samples(samples, log, "attention knockout", lambda s: neo.attention_knockout(
         vlm, coco.load_image(s), s, window=args.window, groups=not args.no_groups,
         sources=sources, targets=targets, batch_size=args.batch_size, keep_all=args.keep_all,
         use_polygons=not args.use_boxes, question=neo.question_for(questions, s),
         pairs=args.knockout_pairs))
-    records = log.records()
+    records, errors = results(samples, log)
     summary = neo.summarize_knockout(records, args.seed)
-    neo.plot_knockout(summary, args.plot_target, args.output.with_suffix(""), vlm.model_id)
+    pngs = neo.plot_knockout(summary, args.plot_target, stem, vlm.model_id)
     result = {"experiment": "neo2024_attention_knockout", "model_id": vlm.model_id,
               "settings": neo.run_info(args, sources=sources, targets=targets,
                                        layer_groups=neo.layer_groups(vlm.n_layers)),
-              "n_samples": len(samples), "errors": log.errors, "summary": summary,
+              "n_samples": len(samples), "errors": errors, "summary": summary,
               "records": records}
     write_json_atomic(args.output, result)
+    final_line(f"{len(records)} records of {len(samples)} images", [args.output, *pngs],
+               len(errors))
     return result
 
 

@@ -20,8 +20,13 @@ import argparse
 from pathlib import Path
 
 from vlminterp import neo2024 as neo
-from vlminterp.recipe_utils import exit_on_remote_error
-from vlminterp.store import ActivationStore, ResultLog, write_json_atomic
+from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
+from vlminterp.neo2024.cli import SELECTION_FLAGS  # noqa: F401  (not result flags here)
+from vlminterp.neo2024.cli import open_results_log, results
+from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.store import ActivationStore, write_json_atomic
+
+RESULT_FLAGS = COMMON_RESULT_FLAGS + ("question", "top_k")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,19 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_remote_error
+@recipe_main
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     neo.check_args(parser, args)
-    vlm = neo.load_model(args)
-    layer = (3 * vlm.n_layers) // 4 if args.heatmap_layer is None else args.heatmap_layer
-    if not 0 <= layer < vlm.n_layers:
-        parser.error(f"--heatmap_layer: expected 0..{vlm.n_layers - 1}, got {layer}")
-    coco, samples = neo.load_samples(args)
     stem = args.output.with_suffix("")
+    with as_recipe_errors():
+        log = open_results_log(args, RESULT_FLAGS, outputs=[
+            Path(f"{stem}_lens"), Path(f"{stem}.png"), Path(f"{stem}.html"),
+            *args.output.parent.glob(f"{stem.name}_heatmap_*.png")])
+        vlm = neo.load_model(args)
+        layer = (3 * vlm.n_layers) // 4 if args.heatmap_layer is None else args.heatmap_layer
+        if not 0 <= layer < vlm.n_layers:
+            parser.error(f"--heatmap_layer: expected 0..{vlm.n_layers - 1}, got {layer}")
+        coco, samples = neo.load_samples(args)
     store = ActivationStore(Path(f"{stem}_lens"))
-    log = ResultLog(args.output.with_suffix(".jsonl"))
 
     def lens(s):
         record, tensors, meta = neo.lens_image(vlm, coco.load_image(s), s, k=args.top_k,
@@ -60,16 +68,20 @@ def main(argv: list[str] | None = None) -> dict:
         return [record]
 
     neo.run_samples(samples, log, "logit lens", lens)
-    records = log.records()
+    records, errors = results(samples, log)
     summary = neo.summarize_lens(records, vlm.n_layers, args.seed)
-    neo.plot_lens(summary, stem, vlm.model_id, args.top_k)
-    done = [s for s in samples if s.key in store]
+    pngs = neo.plot_lens(summary, stem, vlm.model_id, args.top_k)
+    done = [s for s in samples if s.key in store and s.key not in errors]
     neo.lens_figures(vlm, coco, done, store, stem, question=args.question, layer=layer,
                      heatmaps=args.heatmap_images, html=args.html_images)
     result = {"experiment": "neo2024_logit_lens", "model_id": vlm.model_id,
               "settings": neo.run_info(args, heatmap_layer=layer), "n_samples": len(samples),
-              "errors": log.errors, "summary": summary, "records": records}
+              "errors": errors, "summary": summary, "records": records}
     write_json_atomic(args.output, result)
+    figures = sorted(args.output.parent.glob(f"{stem.name}_heatmap_*.png"))
+    html = [Path(f"{stem}.html")] if Path(f"{stem}.html").exists() else []
+    final_line(f"{len(records)} records of {len(samples)} images",
+               [args.output, *pngs, *figures, *html, Path(f"{stem}_lens")], len(errors))
     return result
 
 

@@ -18,9 +18,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from vlminterp import neo2024 as neo
-from vlminterp.recipe_utils import exit_on_remote_error
-from vlminterp.store import ResultLog, load_vector, write_json_atomic
+from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
+from vlminterp.neo2024.cli import open_results_log, results
+from vlminterp.checks import RecipeError
+from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.store import load_vector, write_json_atomic
+
+# The default ablation vector is the mean over the selected images, so which images run
+# (--limit, curation) changes every record here.
+RESULT_FLAGS = COMMON_RESULT_FLAGS + (
+    "questions", "tasks", "sizes", "ig_steps", "max_new_tokens", "mean_vector", "zero_ablation",
+    "limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
+    "only_with_questions")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generative task: greedy tokens to generate (default 40; the original 200)")
     p.add_argument("--mean_vector", type=Path, default=None, help="ablation vector saved with "
                    "vlminterp.store.save_vector (default: mean visual token over the dataset)")
+    p.add_argument("--zero_ablation", action="store_true", help="ablate with zeros instead of "
+                   "the mean vector, also as the integrated-gradients baseline (the original's "
+                   "--zero_ablation)")
     return p
 
 
-@exit_on_remote_error
+@recipe_main
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,28 +73,46 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = [int(n) for n in args.sizes.split(",") if n.strip()]
     except ValueError:
         parser.error(f"--sizes: expected comma-separated integers, got {args.sizes!r}")
-    vlm = neo.load_model(args)
-    coco, samples = neo.load_samples(args)
-    questions = neo.load_questions(args.questions)
     stem = args.output.with_suffix("")
-    mean = (load_vector(args.mean_vector) if args.mean_vector else
-            neo.dataset_mean(vlm, coco, samples, Path(f"{stem}_mean")))
-    log = ResultLog(args.output.with_suffix(".jsonl"))
+    with as_recipe_errors():
+        log = open_results_log(args, RESULT_FLAGS, outputs=[Path(f"{stem}_mean")] + [
+            Path(f"{stem}_{t}.png") for t in neo.TASKS])
+        vlm = neo.load_model(args)
+        coco, samples = neo.load_samples(args)
+        questions = neo.load_questions(args.questions)
+        mean = _ablation_vector(args, vlm, coco, samples, stem)
     neo.run_samples(samples, log, "object ablation", lambda s: neo.object_ablation(
         vlm, coco.load_image(s), s, mean, tasks=tasks, sizes=sizes, ig_steps=args.ig_steps,
         ig_batch_size=args.ig_batch_size, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
         keep_all=args.keep_all, use_polygons=not args.use_boxes,
         question=neo.question_for(questions, s)))
-    records = log.records()
+    records, errors = results(samples, log)
     summary = neo.summarize_ablation(records, args.seed)
-    neo.plot_ablation(summary, tasks, stem, vlm.model_id)
+    pngs = neo.plot_ablation(summary, tasks, stem, vlm.model_id)
     result = {"experiment": "neo2024_object_ablation", "model_id": vlm.model_id,
               "settings": neo.run_info(args, tasks=tasks, sizes=sizes),
-              "n_samples": len(samples), "errors": log.errors, "summary": summary,
+              "n_samples": len(samples), "errors": errors, "summary": summary,
               "records": records}
     write_json_atomic(args.output, result)
+    final_line(f"{len(records)} records of {len(samples)} images", [args.output, *pngs],
+               len(errors))
     return result
+
+
+def _ablation_vector(args, vlm, coco, samples, stem):
+    """--mean_vector, else the dataset's mean visual token; zeros of its size with
+    --zero_ablation (as the original, which zeroes the loaded mean)."""
+    if args.mean_vector:
+        try:
+            mean = load_vector(args.mean_vector)
+        except Exception as e:  # missing file, SafetensorError, no 'mean_vector' tensor
+            raise RecipeError(f"--mean_vector {str(args.mean_vector)!r}: cannot read it "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        return torch.zeros_like(mean) if args.zero_ablation else mean
+    if args.zero_ablation:
+        return torch.zeros(vlm.torch_model.get_input_embeddings().weight.shape[-1])
+    return neo.dataset_mean(vlm, coco, samples, Path(f"{stem}_mean"))
 
 
 if __name__ == "__main__":

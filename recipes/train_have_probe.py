@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from vlminterp.video import probes
 from vlminterp.data.videoqa import KNOWN_FIELDS, load_annotations
 from vlminterp.plots import line_plot
+from vlminterp.checks import check_output
+from vlminterp.runs import final_line
 from vlminterp.store import ActivationStore, write_json_atomic
 
 
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(args.output)
         store = ActivationStore(args.representations)
         if not len(store):
             raise ValueError(f"--representations {str(args.representations)!r}: empty or missing "
@@ -72,18 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      seed=args.seed)})
     except ValueError as e:
         parser.error(str(e))
+    summary = probes.compare_with_baselines(results)
     out = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "classes": classes, "results": results}
+           "classes": classes, "summary": summary, "results": results}
+    outputs = [args.output]
     if len(layers) > 1:
         png = line_plot(layers, {k: [r[k] for r in results] for k in
                                  ("accuracy", "control_accuracy", "majority_baseline")},
                         args.output.with_name(args.output.stem + "_layers.png"), xlabel="layer",
-                        ylabel="validation accuracy", title=f"{args.probe_type} {args.probe_model}")
+                        ylabel="validation accuracy", notes={"accuracy": f"n_val={results[0]['n_val']}"},
+                        title=textwrap.fill(f"{args.probe_type} {args.probe_model}: best layer "
+                                            f"{summary['best_layer']} {summary['verdict']}", 70))
         out["plot"] = png.name
+        outputs.append(png)
     write_json_atomic(args.output, out)
-    best = max(results, key=lambda r: r["accuracy"])
-    print(f"Saved {len(results)} probe result(s) to {args.output}; best accuracy "
-          f"{best['accuracy']:.3f} (layer {best['layer']}, selectivity {best['selectivity']:.3f})")
+    final_line(f"{len(results)} probe result(s) (best layer {summary['best_layer']}: accuracy "
+               f"{summary['accuracy']:.3f}, {summary['verdict']})", outputs, 0)
     return out
 
 

@@ -92,10 +92,17 @@ def heatmap(
     cbar_label: str = "",
     center: float | int | None = None,
     annotate: bool = False,
+    counts: Matrix | None = None,
+    empty_note: str = "no data",
 ) -> Path:
-    """A 2-D heatmap; NaN cells are blank. ``center=c`` uses a diverging colormap symmetric about c."""
+    """A 2-D heatmap; NaN cells are blank. ``center=c`` uses a diverging colormap symmetric about c.
+    ``counts`` (same shape) writes ``n=K`` in every cell (the values each mean averages);
+    when no cell has a value, ``empty_note`` says why across the plot."""
     arr = _array(matrix, 2, "heatmap matrix")
     rows, cols = arr.shape
+    ns = None if counts is None else _array(counts, 2, "heatmap counts")
+    if ns is not None and ns.shape != arr.shape:
+        raise ValueError(f"heatmap counts: expected shape {arr.shape}, got {ns.shape}")
     fig = Figure(figsize=_size(rows, cols))
     ax = fig.add_subplot()
     ax.set_facecolor(NAN_COLOR)
@@ -104,14 +111,27 @@ def heatmap(
     fig.colorbar(im, ax=ax, label=cbar_label)
     _label_cells(ax, "y", rows, row_labels, "row_labels")
     _label_cells(ax, "x", cols, col_labels, "col_labels")
-    if annotate:
-        for (r, c), v in np.ndenumerate(arr):
-            if np.isfinite(v):
-                light = norm(v) < 0.5 if center is None else abs(norm(v) - 0.5) > 0.3
-                ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                        color="white" if light else "black")
+    for (r, c), v in np.ndenumerate(arr):
+        parts = [f"{v:.2g}"] if annotate and np.isfinite(v) else []
+        if ns is not None:
+            parts.append(f"n={0 if not np.isfinite(ns[r, c]) else int(ns[r, c])}")
+        if parts:
+            light = np.isfinite(v) and (norm(v) < 0.5 if center is None else abs(norm(v) - 0.5) > 0.3)
+            ax.text(c, r, "\n".join(parts), ha="center", va="center", fontsize=7,
+                    color="white" if light else "black")
+    if not np.isfinite(arr).any():
+        _note(ax, empty_note)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return _save(fig, path)
+
+
+def _note(ax: Axes, text: str) -> None:
+    """A boxed message across the middle of the axes (why the plot is empty)."""
+    import textwrap
+
+    width = max(20, int(ax.get_position().width * ax.figure.get_figwidth() * 9))
+    ax.text(0.5, 0.5, textwrap.fill(text, width), transform=ax.transAxes, ha="center",
+            va="center", fontsize=8, bbox={"facecolor": "white", "edgecolor": "0.5", "alpha": 0.9})
 
 
 def grid_heatmap(
@@ -170,8 +190,13 @@ def line_plot(
     ylabel: str,
     title: str = "",
     bands: Mapping[str, tuple[Vector, Vector]] | None = None,
+    notes: Mapping[str, str] | None = None,
+    empty_note: str = "no data",
 ) -> Path:
-    """One line per series over ``x``; ``bands[name] = (lo, hi)`` shades a CI around that series."""
+    """One line per series over ``x``; ``bands[name] = (lo, hi)`` shades a CI around that series.
+    ``notes[name]`` is added to that series' legend entry (e.g. ``n=12``); a series with no
+    finite value is listed as ``name: no data`` (or its note), and an empty plot shows
+    ``empty_note``."""
     xs = _array(x, 1, "line_plot x")
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -182,13 +207,19 @@ def line_plot(
         y = _array(ys, 1, f"series[{name!r}]")
         if y.size != xs.size:
             raise ValueError(f"series[{name!r}]: expected {xs.size} values (len(x)), got {y.size}")
-        (line,) = ax.plot(xs, y, marker="o" if xs.size <= 30 else None, markersize=3, label=name)
+        note = (notes or {}).get(name)
+        label = f"{name} ({note})" if note else name
+        if not np.isfinite(y).any():
+            label = f"{name}: no data" + (f" ({note})" if note else "")
+        (line,) = ax.plot(xs, y, marker="o" if xs.size <= 30 else None, markersize=3, label=label)
         if bands and name in bands:
             lo, hi = (_array(b, 1, f"bands[{name!r}]") for b in bands[name])
             if lo.size != xs.size or hi.size != xs.size:
                 raise ValueError(f"bands[{name!r}]: expected lo and hi of length {xs.size}, "
                                  f"got {lo.size} and {hi.size}")
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    if not any(np.isfinite(_array(ys, 1, "series")).any() for ys in series.values()):
+        _note(ax, empty_note)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if series:
@@ -204,10 +235,15 @@ def bar_plot(
     errors: tuple[Vector, Vector] | None = None,
     ylabel: str = "",
     title: str = "",
+    counts: Sequence[int] | None = None,
+    notes: Mapping[str, str] | None = None,
+    empty_note: str = "no data",
 ) -> Path:
     """Bars with optional CI whiskers; ``errors = (lo, hi)`` are the interval bounds, not deltas.
 
     A bound on the wrong side of its value (possible with percentile bootstraps) is drawn as 0.
+    ``counts`` adds ``(n=K)`` to each bar's label; a bar without a value reads ``n/a`` or
+    ``notes[label]`` (why it is missing); an all-empty plot shows ``empty_note``.
     """
     vals = _array(values, 1, "bar_plot values")
     if len(labels) != vals.size:
@@ -223,10 +259,16 @@ def bar_plot(
     pos = np.arange(vals.size)
     ax.bar(pos, vals, yerr=yerr, capsize=4, color="C0", error_kw={"ecolor": "black", "elinewidth": 1.2})
     ax.set_xlim(-0.6, vals.size - 0.4)  # keep NaN bars' slots (autoscale would drop them)
+    if counts is not None and len(counts) != vals.size:
+        raise ValueError(f"bar_plot counts: expected {vals.size} counts, got {len(counts)}")
     for i in np.flatnonzero(~np.isfinite(vals)):
-        ax.text(i, 0, "n/a", ha="center", va="bottom", color="0.4")
+        ax.text(i, 0, (notes or {}).get(labels[i], "n/a"), ha="center", va="bottom", color="0.4",
+                rotation=90 if (notes or {}).get(labels[i]) else 0, fontsize=8)
+    if not np.isfinite(vals).any():
+        _note(ax, empty_note)
     long = max(map(len, labels), default=0) > 6 or vals.size > 8
-    ax.set_xticks(pos, [str(s) for s in labels], rotation=30 if long else 0, ha="right" if long else "center")
+    ticks = [str(s) if counts is None else f"{s} (n={counts[i]})" for i, s in enumerate(labels)]
+    ax.set_xticks(pos, ticks, rotation=30 if long else 0, ha="right" if long else "center")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)

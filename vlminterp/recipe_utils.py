@@ -1,14 +1,30 @@
 """Plumbing shared by the video recipes: load a video model, open the dataset, check the frame
-flags, and run every sample resumably."""
+flags, read a sample's frames quietly, and run every sample resumably (`vlminterp.runs`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+from .checks import RecipeError, SampleError, check_device, check_output, load_checked
+from .runs import (add_run_args, final_line, logged_results, open_log, recipe_main, result_config,
+                   run_logged)
 from .video.counterfactuals import check_span, parse_swap_spans
 from .tokens import TokenSlice
+
+__all__ = ["RecipeError", "SampleError", "check_device", "check_output", "load_checked",
+           "add_run_args", "final_line", "logged_results", "open_log", "recipe_main",
+           "result_config", "run_logged", "add_video_args", "load_video_model",
+           "exit_on_remote_error", "open_video_dataset", "check_frame_args", "run_resumable",
+           "sample_frames", "quiet_native_stderr", "VIDEO_RESULT_FLAGS", "check_run_args"]
+
+# Video flags that change a sample's records (each recipe adds its own).
+VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num_frames")
 
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -33,6 +49,7 @@ def add_video_args(p) -> None:
       "videos (moving squares, known answers) next to --output and use them")
     a("--retry_errors", action="store_true", help="on resume, retry samples that failed before "
       "(default: keep their recorded errors)")
+    add_run_args(p)
     add_remote_arguments(p)
 
 
@@ -49,36 +66,28 @@ def load_video_model(args):
         raise ValueError("--device: the NDIF server places the model; drop it with --remote")
     if args.model_id.startswith("tiny-"):
         torch.set_num_threads(1)
-    try:
-        vlm = load_from_args(args, args.model_id,
-                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except ValueError as e:
-        raise ValueError(f"--remote: {e}" if remote else str(e)) from None
+    if remote:
+        try:
+            vlm = load_from_args(args, args.model_id)
+        except ValueError as e:
+            raise ValueError(f"--remote: {e}") from None
+    else:
+        vlm = load_checked(args.model_id, device=check_device(args.device))
     if vlm.family.name not in VIDEO_FAMILIES:
         raise ValueError(f"model_id {args.model_id!r} ({vlm.family.name}) does not take video; "
                          f"use a Qwen2-VL / Qwen2.5-VL model")
     return vlm
 
 
-def exit_on_remote_error(main):
-    """Decorate a recipe's ``main``: a `RemoteError` (NDIF server unreachable, died, refused
-    the job) stops the run with its one-line message on stderr and exit status 1. It is
-    never a sample's error: the finished samples are already in the results log, so a rerun
-    resumes after them."""
-    import functools
-    import sys
+exit_on_remote_error = recipe_main  # the older name
 
-    from .remote import RemoteError
 
-    @functools.wraps(main)
-    def run(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except RemoteError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-
-    return run
+def check_run_args(args) -> None:
+    """Before any work: ``--output`` is a writable file path and ``--device`` (local runs) a
+    device this machine has. Raises `RecipeError`."""
+    check_output(args.output)
+    if not getattr(args, "remote", False):
+        check_device(args.device)
 
 
 def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):
@@ -117,28 +126,71 @@ def check_frame_args(token_slice: str, swap_spans: str, num_frames: int):
     return sl, spans
 
 
-def run_resumable(samples, log_path, work, desc: str, retry_errors: bool = False):
-    """``work(sample) -> records`` for every sample not yet in the `ResultLog` at ``log_path``,
-    with a tqdm bar. A missing or unreadable video (or another per-sample ValueError) is logged as
-    that sample's error and the run goes on; a `RemoteError` (a server fault, not the
-    sample's) propagates and stops the run. Returns ``(records, errors)`` in dataset order."""
-    from tqdm import tqdm
-
-    from .data.video import VideoReadError
+def run_resumable(samples, log_path, work, desc: str, retry_errors: bool = False,
+                  config: dict | None = None):
+    """``work(sample) -> records`` for every sample not yet in the `ResultLog` at ``log_path``
+    (`vlminterp.runs.run_logged`: a sample's data error is logged and the run goes on; a
+    configuration error stops it). Returns ``(records, errors)`` of ``samples``, in their order."""
     from .store import ResultLog
 
-    log = ResultLog(log_path, retry_errors=retry_errors)
-    todo = [s for s in samples if s.question_id not in log.done]
-    for s in tqdm(todo, desc=desc, unit="sample", total=len(samples),
-                  initial=len(samples) - len(todo)):
+    log = ResultLog(log_path, retry_errors=retry_errors, config=config)
+    run_logged(samples, log, work, desc)
+    records, errors = logged_results(samples, log)
+    return records, [{"question_id": q, "error": e} for q, e in errors.items()]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Send what native libraries write to file descriptor 2 to /dev/null for the block: video
+    decoders print their own complaints about a bad file ("moov atom not found"), which the
+    sample's one-line error already reports."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _window_frames(path: Path, start, end) -> int | None:
+    """Frames inside [start, end] by the container's header (no decoding); None if unknown."""
+    from .data.video import seconds_to_frame_range
+
+    try:
+        import av
+
+        with quiet_native_stderr(), av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            total, rate = stream.frames, stream.average_rate or stream.guessed_rate
+        if total < 1 or not rate:
+            return None
+        first, last = seconds_to_frame_range(total, float(rate), start, end, path)
+    except Exception:  # unreadable: the read itself reports it
+        return None
+    return last - first + 1
+
+
+def sample_frames(data, sample):
+    """The sample's frames, read with native decoder noise silenced. Warns when its window
+    holds fewer frames than the dataset's ``num_frames`` (sampled frames then repeat). Raises
+    `SampleError` / OSError / VideoReadError: a problem of this sample, recorded as its error."""
+    path = data.video_path(sample)
+    with quiet_native_stderr():
         try:
-            records = work(s)
-        except (OSError, VideoReadError, ValueError) as e:
-            log.append_error(s.question_id, f"{type(e).__name__}: {e}")
-            continue
-        log.append(s.question_id, records)
-    order = {s.question_id: i for i, s in enumerate(samples)}
-    records = sorted(log.records(), key=lambda r: order.get(r["question_id"], len(order)))
-    errors = [{"question_id": q, "error": log.errors[q]} for q in sorted(
-        log.errors, key=lambda q: order.get(q, len(order)))]
-    return records, errors
+            frames = data.load_frames(sample)
+        except ValueError as e:  # a time window beyond the video, ...
+            raise SampleError(str(e)) from None
+    want = data.num_frames
+    have = _window_frames(path, sample.start, sample.end) if want else None
+    if have is not None and have < want:
+        warnings.warn(f"{path}: only {have} frame(s) in its [start, end] window, fewer than "
+                      f"--num_frames {want}; sampled frames repeat", stacklevel=2)
+    return frames

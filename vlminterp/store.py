@@ -1,4 +1,5 @@
-"""Results and activations on disk: atomic JSON, resumable JSONL logs, safetensors shards.
+"""Results and activations on disk: atomic JSON, resumable JSONL logs (`ResultLog`, defined in
+`vlminterp.result_log`), safetensors shards.
 
 Nothing here pickles: activations are safetensors + a JSON index, and legacy ``*.pt`` files are
 read with ``torch.load(weights_only=True)`` only. Every writer is crash-safe (temp file + fsync +
@@ -10,37 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .result_log import ConfigMismatch, ResultLog, _dumps, _jsonable, config_hash
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values: NaN/inf → None, numpy/torch scalars → Python numbers, arrays → lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.ndarray, np.generic, Tensor)):
-        return _jsonable(obj.tolist())  # Tensor/np scalars .tolist() give Python numbers
-    return obj
-
-
-def _dumps(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+__all__ = ["atomic_write", "write_json_atomic", "clean_stale_temps", "stale_temp_files",
+           "ResultLog", "ConfigMismatch", "config_hash", "ActivationStore", "streaming_mean",
+           "legacy_ndim", "save_vector", "load_vector", "vector_meta"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -54,9 +41,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a fresh temp path beside ``path``, fsync it, then rename over ``path``."""
+    """Call ``write(tmp)`` on a fresh temp path beside ``path``, fsync it, then rename over ``path``.
+    Temp files an earlier, killed write of ``path`` left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps([path])
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by write(): umask perms
     try:
         write(tmp)
@@ -76,86 +65,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-class ResultLog:
-    """Resumable per-sample results: one JSONL line per finished sample, fsynced.
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temp files that a killed `atomic_write` of ``path`` left beside it (``.NAME.*.tmp``)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp") if p.is_file())
 
-    Lines are ``{"key": k, "records": [...]}`` or ``{"key": k, "error": "..."}``. A key whose
-    latest line is an error counts as done (a rerun skips it) unless ``retry_errors=True``.
-    A truncated last line (the run was killed mid-write) is ignored with a warning and cut off
-    before the next append.
-    """
 
-    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False) -> None:
-        self.path = Path(path)
-        self.retry_errors = retry_errors
-        self._entries: dict[str, dict] = {}  # key → latest line; re-adding moves it to the end
-        self._good_end = 0  # byte offset just after the last complete line
-        self._needs_repair = False  # the file's tail must be cut or newline-terminated first
-        self._read()
+def clean_stale_temps(paths) -> int:
+    """Remove the temp files killed atomic writes of ``paths`` left behind; returns how many.
+    Only temps named after these paths are touched (other writers in the folder are not)."""
+    removed = 0
+    for path in paths:
+        for tmp in stale_temp_files(path):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
-    def _read(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        pos, lineno = 0, 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            end = len(data) if nl < 0 else nl + 1
-            raw, lineno = data[pos:end], lineno + 1
-            if raw.strip():
-                try:
-                    entry = json.loads(raw)
-                    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
-                        raise ValueError("expected an object with a string 'key'")
-                except ValueError as e:
-                    if end < len(data):
-                        raise ValueError(f"{self.path}:{lineno}: corrupt result line ({e})") from None
-                    warnings.warn(f"{self.path}:{lineno}: ignoring truncated last line ({len(raw)} bytes)")
-                    break
-                self._entries.pop(entry["key"], None)
-                self._entries[entry["key"]] = entry
-            pos = self._good_end = end
-        # cut a truncated tail, or add the newline a complete last line lacks, before appending
-        self._needs_repair = self._good_end < len(data) or not data.endswith(b"\n")
 
-    @property
-    def done(self) -> set[str]:
-        return {k for k, e in self._entries.items() if not (self.retry_errors and "error" in e)}
-
-    @property
-    def errors(self) -> dict[str, str]:
-        return {k: e["error"] for k, e in self._entries.items() if "error" in e}
-
-    def records(self) -> list[dict]:
-        """All records, in order of (latest) completion, one entry per key (last write wins)."""
-        return [r for e in self._entries.values() if "records" in e for r in e["records"]]
-
-    def append(self, key: str, records: list[dict]) -> None:
-        self._write({"key": key, "records": records})
-
-    def append_error(self, key: str, message: str) -> None:
-        self._write({"key": key, "error": message})
-
-    def _write(self, entry: dict) -> None:
-        line = (_dumps(entry) + "\n").encode("utf-8")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._needs_repair and self.path.exists():
-            with open(self.path, "rb+") as f:
-                f.truncate(self._good_end)
-                f.seek(max(self._good_end - 1, 0))
-                if self._good_end and f.read(1) != b"\n":
-                    f.write(b"\n")
-                    self._good_end += 1
-                f.flush()
-                os.fsync(f.fileno())
-        self._needs_repair = False
-        with open(self.path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self._good_end += len(line)
-        self._entries.pop(entry["key"], None)
-        self._entries[entry["key"]] = json.loads(line)
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class ActivationStore:
@@ -183,9 +113,22 @@ class ActivationStore:
                 raise ValueError(f"{self.index_path}: corrupt activation-store index ({msg})") from None
             self._index = index
         shards = self.root / "shards"
+        self._clean_killed_writes(shards)
         files = [p.name for p in shards.glob("*.safetensors")] if shards.exists() else []
         stems = [f.split(".")[0] for f in files + [e["shard"] for e in self._index.values()]]
         self._next_shard = max((int(s) for s in stems if s.isdigit()), default=-1) + 1
+
+    def _clean_killed_writes(self, shards: Path) -> None:
+        """Remove what a killed `put` left: temp files, and a shard written before the index
+        that would have referenced it."""
+        clean_stale_temps([self.index_path])
+        if not shards.is_dir():
+            return
+        referenced = {e["shard"] for e in self._index.values()}
+        for p in shards.iterdir():
+            if p.is_file() and (p.name.endswith(".tmp") or
+                                p.suffix == ".safetensors" and p.name not in referenced):
+                p.unlink(missing_ok=True)
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -258,6 +201,13 @@ def _legacy_tensor(path: Path, name: str) -> Tensor:
     raise ValueError(f"{path}: expected a tensor or a dict with tensor {name!r}, got {type(obj).__name__}")
 
 
+def legacy_ndim(directory: str | os.PathLike, name: str) -> int | None:
+    """Dimensions of tensor ``name`` in the first legacy ``*.pt`` file of ``directory`` (None
+    when there is none)."""
+    first = next(iter(sorted(Path(directory).glob("*.pt"))), None)
+    return None if first is None else _legacy_tensor(first, name).ndim
+
+
 def _named_tensors(source: ActivationStore | str | os.PathLike, name: str) -> Iterator[tuple[str, Tensor]]:
     if isinstance(source, ActivationStore):
         store = source
@@ -279,7 +229,8 @@ def streaming_mean(
     """Mean of tensor ``name`` over all keys, as a float64 running sum (constant memory).
 
     ``over=None``: each stored tensor is one sample (any shape, the same for every key).
-    ``over="rows"``: each stored tensor is ``[n, d]`` and every row of every key is a sample.
+    ``over="rows"``: each stored tensor is ``[..., d]`` (``[n, d]``, or the original scripts'
+    ``[1, N, d]`` caches, N differing between files) and every d-vector of every key is a sample.
     ``store_or_dir`` is an ActivationStore, its root, or a directory of legacy ``*.pt`` files.
     """
     if over not in (None, "rows"):
@@ -289,8 +240,11 @@ def streaming_mean(
     count = 0
     first_key = ""
     for key, t in _named_tensors(store_or_dir, name):
-        if over == "rows" and t.ndim != 2:
-            raise ValueError(f"key {key!r}: over='rows' needs a [n, d] tensor {name!r}, got shape {tuple(t.shape)}")
+        if over == "rows":
+            if t.ndim < 2:
+                raise ValueError(f"key {key!r}: over='rows' needs a [..., d] tensor {name!r} of at "
+                                 f"least 2 dimensions, got shape {tuple(t.shape)}")
+            t = t.reshape(-1, t.shape[-1])
         sample_shape = tuple(t.shape[1:]) if over == "rows" else tuple(t.shape)
         if total is not None and sample_shape != tuple(total.shape):
             raise ValueError(

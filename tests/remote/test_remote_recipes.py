@@ -193,4 +193,6 @@ def test_tiny_id_with_remote_fails_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         neo2024_attention_knockout.main(["--model_id", "tiny-llava", "--remote", "--synthetic",
                                          "1", "--output", str(tmp_path / "k.json")])
-    assert "--remote: model_id 'tiny-llava' is built in-process" in str(refused.value.code)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--remote: model_id 'tiny-llava' is built in-process" in err

@@ -10,9 +10,11 @@ original runners' ``--out x.pt`` / ``--trace x.pt`` arguments keep working uncha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,13 +64,31 @@ def _read_meta(path: str | os.PathLike, kind: str) -> tuple[Path, dict[str, Any]
     return where, meta
 
 
+def hash_tensors(h, tensors: dict[str, Tensor]) -> None:
+    """Feed names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name) to hashlib ``h``."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def fingerprint(tensors: dict[str, Tensor], upstream: dict[str, Any] | None = None) -> str:
+    """Content fingerprint (sha256 prefix) of arrays plus the fingerprints they derive from:
+    files made from different traces differ even when every shape agrees."""
+    h = hashlib.sha256(json.dumps(upstream or {}, sort_keys=True).encode())
+    hash_tensors(h, tensors)
+    return h.hexdigest()[:32]
+
+
 def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], arrays: dict[str, Tensor]) -> Path:
-    """``<stem>.safetensors`` (arrays) then ``<stem>.json`` (meta + format + array names)."""
+    """``<stem>.safetensors`` (arrays) then ``<stem>.json`` (meta + format + array names + the
+    artifact's ``fingerprint``, over its arrays and the ``*_fingerprint`` entries of ``meta``)."""
     paths = artifact_paths(path)
     payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in arrays.items()}
     atomic_write(paths.arrays, lambda tmp: save_file(payload, str(tmp)))
+    upstream = {k: v for k, v in meta.items() if k.endswith("_fingerprint")}
     doc = {"format": f"vlminterp.circuits/{kind}", **meta, "arrays": paths.arrays.name,
-           "array_keys": list(arrays)}
+           "array_keys": list(arrays), "fingerprint": fingerprint(payload, upstream)}
     return write_json_atomic(paths.json, doc)
 
 
@@ -95,8 +115,11 @@ class TraceWriter:
             shutil.rmtree(self.paths.shards)
         self.store = ActivationStore(self.paths.shards)
         self.meta, self.images, self.batches, self.keys = dict(meta), [], [], {}
+        self._hash = hashlib.sha256()
 
     def add(self, ids: list[str], tensors: dict[str, Tensor]) -> None:
+        self._hash.update(json.dumps(ids).encode())
+        hash_tensors(self._hash, tensors)
         key = f"batch-{len(self.batches):05d}"
         self.store.put(key, tensors, meta={"rows": len(ids)})
         self.images.extend(ids)
@@ -107,8 +130,10 @@ class TraceWriter:
     def close(self) -> Path:
         if not self.batches:
             raise ValueError("tracing produced no images")
+        self._hash.update(json.dumps(self.meta, sort_keys=True, default=str).encode())
         doc = {"format": "vlminterp.circuits/trace", "images": self.images, **self.meta,
-               "keys": self.keys, "shards": self.paths.shards.name, "batches": self.batches}
+               "keys": self.keys, "shards": self.paths.shards.name, "batches": self.batches,
+               "fingerprint": self._hash.hexdigest()[:32]}
         return write_json_atomic(self.paths.json, doc)
 
 
@@ -126,6 +151,11 @@ class TraceFile:
     @property
     def images(self) -> list[str]:
         return list(self.meta["images"])
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Content fingerprint of the traced tensors, images and settings (None: an older trace)."""
+        return self.meta.get("fingerprint")
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.meta["keys"]:
@@ -161,6 +191,26 @@ def check_features_match_trace(trace: TraceFile, features: dict[str, Any], featu
         if features.get(key) != trace.meta.get(key):
             raise ValueError(f"features file {features_path} is for {key} {features.get(key)} but trace file "
                              f"{trace.path} is for {key} {trace.meta.get(key)}")
+    _same_source(features.get("trace_fingerprint"), trace.fingerprint,
+                 f"features file {features_path}", f"trace file {trace.path}", "clip_cluster")
+
+
+def _same_source(recorded: str | None, actual: str | None, child: str, parent: str, step: str) -> None:
+    """``child`` was made from ``parent``: its recorded fingerprint of the parent matches."""
+    if recorded is None or actual is None:
+        warnings.warn(f"{child} or {parent} has no fingerprint (written by an older vlminterp): "
+                      f"cannot check that one was made from the other")
+    elif recorded != actual:
+        raise ValueError(f"{child} was made from another file than {parent} (fingerprint "
+                         f"{recorded[:12]} != {actual[:12]}; same shapes, different data): rerun "
+                         f"recipes.{step} on it")
+
+
+def check_circuit_matches_fit(circuit: dict[str, Any], circuit_path: str | os.PathLike, fit: dict[str, Any],
+                              fit_path: str | os.PathLike) -> None:
+    """The circuit's paths were exported from this fit."""
+    _same_source(circuit.get("fit_fingerprint"), fit.get("fingerprint"), f"circuit file {circuit_path}",
+                 f"fit file {fit_path}", "clip_circuit")
 
 
 def check_fit_matches_features(fit: dict[str, Any], fit_path: str | os.PathLike, features: dict[str, Any],
@@ -171,11 +221,14 @@ def check_fit_matches_features(fit: dict[str, Any], fit_path: str | os.PathLike,
     if protos.shape[-1] != labels.shape[-1] or not torch.equal(sizes, fit["counts"].long()):
         raise ValueError(f"fit file {fit_path} (K={protos.shape[0]}, N={protos.shape[-1]}) was not fitted on the "
                          f"labels of features file {features_path} (N={labels.shape[-1]}): cluster sizes differ")
+    _same_source(fit.get("features_fingerprint"), features.get("fingerprint"), f"fit file {fit_path}",
+                 f"features file {features_path}", "clip_fit")
 
 
 __all__ = [
     "ArtifactPaths", "artifact_paths", "save_artifact", "load_artifact", "TraceWriter", "TraceFile", "load_trace",
-    "check_features_match_trace", "check_fit_matches_features", "clip_model_id", "pretrained_tag",
+    "check_features_match_trace", "check_fit_matches_features", "check_circuit_matches_fit", "fingerprint",
+    "hash_tensors", "clip_model_id", "pretrained_tag",
     "attention_logits", "attention_logits_of", "capture_batch", "check_layers", "image_source", "synthetic_image",
     "GateClusters", "cluster_gates",
     "PrototypeFit", "PrototypeAccumulator", "ReconstructionScore", "fit_prototypes", "reconstruct", "mse_r2",

@@ -1,5 +1,6 @@
 """What the three ``recipes.neo2024_*`` command lines share: flags, model and data loading, the
-resumable per-image loop, and the settings a results JSON records."""
+resumable per-image loop (keyed by the settings that change results), and the settings a
+results JSON records."""
 
 from __future__ import annotations
 
@@ -8,9 +9,19 @@ from pathlib import Path
 
 import torch
 
+from vlminterp.checks import RecipeError, check_device, check_output, load_checked
 from vlminterp.data.coco import CocoError, CocoObjects, ObjectSample
 from vlminterp.neo2024.prompts import load_questions, question_for
 from vlminterp.remote import add_arguments as add_remote_arguments
+from vlminterp.runs import add_run_args, logged_results, open_log, result_config, run_logged
+
+# Flags of every neo2024 recipe that change an image's records; each recipe adds its own.
+# Which images run (--limit, curation) does not change an image's records: results list only
+# this run's images.
+RESULT_FLAGS = ("model_id", "dtype", "coco_annotations", "image_root", "synthetic", "seed",
+                "use_boxes", "keep_all")
+SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
+                   "only_with_questions")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +56,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="model dtype (default: float32 for tiny models, the checkpoint's otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic data and random subsets")
+    p.add_argument("--retry_errors", action="store_true", help="on resume, retry images that "
+                   "failed before (default: keep their recorded errors)")
+    add_run_args(p, limit=False)
     add_remote_arguments(p)
 
 
@@ -75,6 +89,17 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         if args.remote and getattr(args, flag) is not None:
             p.error(f"--{flag}: the NDIF server places the model and picks its dtype; drop it "
                     "with --remote")
+    check_output(args.output)  # RecipeError: one line, before any work
+    if not args.remote:
+        check_device(args.device)
+
+
+def open_results_log(args, result_flags, outputs=()):
+    """The per-image `ResultLog` ``<output>.jsonl`` keyed by the recipe's result flags
+    (``--restart`` discards it and ``outputs`` first; other settings are refused)."""
+    return open_log(args.output.with_suffix(".jsonl"), result_config(args, result_flags),
+                    restart=args.restart, retry_errors=args.retry_errors,
+                    outputs=[args.output, *outputs])
 
 
 def load_model(args):
@@ -83,14 +108,13 @@ def load_model(args):
     the remote run exits with one line."""
     from vlminterp.remote import load_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if not args.remote:
+        return load_checked(args.model_id, device=check_device(args.device), dtype=dtype)
     try:
-        return load_from_args(args, args.model_id, device=device, dtype=dtype)
+        return load_from_args(args, args.model_id)
     except ValueError as e:
-        if not args.remote:
-            raise
-        raise SystemExit(f"error: --remote: {e}") from None
+        raise RecipeError(f"--remote: {e}") from None
 
 
 def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
@@ -102,35 +126,37 @@ def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
         annotations, image_root = write_dataset(root, args.synthetic, seed=args.seed), root
     else:
         annotations, image_root = args.coco_annotations, args.image_root
-    coco = CocoObjects(annotations, image_root)
-    samples = coco.samples(not args.no_curate, max_annotations=args.max_annotations,
-                           min_area=args.min_area, max_area=args.max_area,
-                           inclusive_area=args.inclusive_area)
+    try:
+        coco = CocoObjects(annotations, image_root)
+        samples = coco.samples(not args.no_curate, max_annotations=args.max_annotations,
+                               min_area=args.min_area, max_area=args.max_area,
+                               inclusive_area=args.inclusive_area)
+        if getattr(args, "only_with_questions", False):
+            questions = load_questions(args.questions)
+            kept = [s for s in samples if question_for(questions, s) is not None]
+            if samples and not kept:
+                raise RecipeError(f"{args.questions}: none of the curated images has a question "
+                                  f"(--only_with_questions)")
+            samples = kept
+    except CocoError as e:
+        raise RecipeError(str(e).splitlines()[0]) from None
     if not samples:
-        raise SystemExit(f"{annotations}: no samples pass the filter (try --no_curate)")
-    if getattr(args, "only_with_questions", False):
-        questions = load_questions(args.questions)
-        samples = [s for s in samples if question_for(questions, s) is not None]
-        if not samples:
-            raise SystemExit(f"{args.questions}: none of the curated images has a question "
-                             f"(--only_with_questions)")
+        raise RecipeError(f"{annotations}: no samples pass the filter (try --no_curate)")
     return coco, samples[:args.limit]
 
 
 def run_samples(samples, log, desc: str, fn) -> None:
     """Call ``fn(sample) -> records`` for each sample the `ResultLog` has not finished, with a
-    progress bar; log the records (or the sample's data error, one line) under its key. A
-    `RemoteError` is the server's fault, not the sample's: it propagates and stops the run
-    (see `vlminterp.recipe_utils.exit_on_remote_error`)."""
-    from tqdm import tqdm
+    progress bar (`vlminterp.runs.run_logged`): an unreadable image is that sample's error and
+    the run goes on; any other ValueError stops the run with one line. A `RemoteError` is the
+    server's fault, not the sample's: it propagates and stops the run."""
+    run_logged(samples, log, lambda s: [{"key": s.key, "category": s.category, **r}
+                                        for r in fn(s)], desc, key=lambda s: s.key)
 
-    for s in tqdm([s for s in samples if s.key not in log.done], desc=desc):
-        try:
-            records = fn(s)
-        except CocoError as e:
-            log.append_error(s.key, str(e))
-            continue
-        log.append(s.key, [{"key": s.key, "category": s.category, **r} for r in records])
+
+def results(samples, log) -> tuple[list[dict], dict]:
+    """``(records, errors)`` of this run's samples, in sample order."""
+    return logged_results(samples, log, key=lambda s: s.key)
 
 
 def run_info(args, **extra) -> dict:

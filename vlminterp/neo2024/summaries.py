@@ -39,18 +39,22 @@ def summarize_ablation(records: list[dict], seed: int = 0) -> dict:
     """Per task and condition: ``drop_pct`` — the percentage of initially correct answers that
     are wrong after ablation (the paper's metric) — and ``changed_pct`` — the percentage of
     kept images whose answer changed at all — with 95% bootstrap intervals, the mean change in
-    the correct token's probability and the mean subset size."""
+    the correct token's probability and the mean subset size. An image whose subset is empty
+    (e.g. no register token passes the norm threshold) ablated nothing: it is counted in
+    ``n_empty`` and left out of the rates, which would otherwise count it as "unchanged"."""
     base = {(r["key"], r["task"]): r for r in records if r["condition"] == "baseline"}
     out: dict = {}
-    for (task, cond), rows in _group([r for r in records if r["condition"] != "baseline"],
-                                     "task", "condition").items():
+    for (task, cond), all_rows in _group([r for r in records if r["condition"] != "baseline"],
+                                         "task", "condition").items():
+        rows = [r for r in all_rows if r["n_tokens"] > 0]
         deltas = [r["p_correct"] - base[(r["key"], task)]["p_correct"] for r in rows
                   if r.get("p_correct") is not None]
         out.setdefault(task, {})[cond] = {
             "drop_pct": rate([not r["correct"] for r in rows if r["baseline_correct"]], seed),
             "changed_pct": rate([r["changed"] for r in rows], seed),
             "delta_p_correct": mean_ci(deltas, seed),
-            "n_tokens_mean": sum(r["n_tokens"] for r in rows) / len(rows),
+            "n_tokens_mean": sum(r["n_tokens"] for r in all_rows) / len(all_rows),
+            "n_empty": len(all_rows) - len(rows),
         }
     for task in {t for _, t in base}:
         flags = [r["correct"] for (k, t), r in base.items() if t == task]
@@ -84,62 +88,86 @@ def summarize_lens(records: list[dict], n_layers: int, seed: int = 0) -> dict:
 
 # -- plots ------------------------------------------------------------------------------------
 
-def _bars(stats: dict, path, **kw) -> None:
+def _bars(stats: dict, path, counts=None, notes=None, **kw) -> Path:
     from vlminterp.plots import bar_plot
 
     rows = list(stats.values())
-    bar_plot(list(stats), values(rows), path, errors=(values(rows, "lo"), values(rows, "hi")), **kw)
+    return bar_plot(list(stats), values(rows), path, errors=(values(rows, "lo"), values(rows, "hi")),
+                    counts=counts, notes=notes, **kw)
 
 
-def plot_ablation(summary: dict, tasks, stem: Path, model_id: str) -> None:
+def _empty_subset_note(cond: str) -> str:
+    what = "register" if cond == "register" else cond
+    return f"no {what} tokens found"
+
+
+def plot_ablation(summary: dict, tasks, stem: Path, model_id: str) -> list[Path]:
     """``<stem>_<task>.png``: per condition the drop rate (or, when no image was initially
-    correct, the rate of changed answers) with its 95% interval."""
+    correct, the rate of changed answers) with its 95% interval and ``n`` images under each bar;
+    a condition whose subset was empty in every image says so instead of showing a bar.
+    Returns the files written."""
+    written = []
     for task in tasks:
         conds = {c: v for c, v in summary.get(task, {}).items() if c != "baseline_accuracy_pct"}
         if not conds:
             continue
         has_drop = any(v["drop_pct"]["n"] for v in conds.values())
         metric = "drop_pct" if has_drop else "changed_pct"
-        _bars({c: v[metric] for c, v in conds.items()}, f"{stem}_{task}.png",
-              ylabel="% initially correct now wrong" if has_drop else "% answers changed",
-              title=f"Mean ablation at the LM input ({task}, {model_id})")
+        notes = {c: _empty_subset_note(c) for c, v in conds.items()
+                 if v.get("n_empty") and v[metric]["n"] == 0}
+        empty = sum(v.get("n_empty", 0) for v in conds.values())
+        written.append(_bars(
+            {c: v[metric] for c, v in conds.items()}, f"{stem}_{task}.png",
+            counts=[v[metric]["n"] for v in conds.values()], notes=notes,
+            ylabel="% initially correct now wrong" if has_drop else "% answers changed",
+            empty_note="no image was kept for this task (see the records' 'skipped')",
+            title=f"Mean ablation at the LM input ({task}, {model_id})" + (
+                f"\n{empty} image-condition(s) with an empty subset left out" if empty else "")))
+    return written
 
 
-def plot_knockout(summary: dict, target: str, stem: Path, model_id: str) -> None:
+def plot_knockout(summary: dict, target: str, stem: Path, model_id: str) -> list[Path]:
     """``<stem>.png``: change in p(correct) per sliding window, one line per source (to
-    ``target``); ``<stem>_groups.png``: accuracy per source and layer group."""
+    ``target``, ``n`` images in the legend); ``<stem>_groups.png``: accuracy per source and
+    layer group with ``n`` under each bar. Returns the files written."""
     from vlminterp.plots import line_plot
 
     per_source = {k.split("->")[0]: per for k, per in summary["conditions"].items()
                   if k.endswith(f"->{target}")}
-    curves, bands, starts = {}, {}, None
+    curves, bands, notes, starts = {}, {}, {}, None
     for source, per in per_source.items():
         windows = sorted((v["layer_list"][0], v["delta_p_correct"]) for k, v in per.items()
                          if k.startswith("window_"))
         if windows:
             starts, stats = [w for w, _ in windows], [c for _, c in windows]
             curves[source], bands[source] = values(stats), (values(stats, "lo"), values(stats, "hi"))
+            notes[source] = f"n={max(st['n'] for st in stats)}"
+    written = []
     if curves:
-        line_plot(starts, curves, f"{stem}.png", bands=bands, xlabel="first layer of the window",
-                  ylabel="change in p(correct token)",
-                  title=f"Attention knockout -> {target} ({model_id})")
+        written.append(line_plot(starts, curves, f"{stem}.png", bands=bands, notes=notes,
+                                 xlabel="first layer of the window",
+                                 ylabel="change in p(correct token)",
+                                 empty_note="no image was kept (see the records)",
+                                 title=f"Attention knockout -> {target} ({model_id})"))
     groups = {f"{source}:{g}": v["accuracy_pct"] for source, per in per_source.items()
               for g, v in per.items() if not g.startswith("window_")}
     if groups:
-        _bars(groups, f"{stem}_groups.png", ylabel="accuracy after knockout (%)",
-              title=f"Knockout -> {target} by layer group ({model_id})")
+        written.append(_bars(groups, f"{stem}_groups.png", counts=[v["n"] for v in groups.values()],
+                             ylabel="accuracy after knockout (%)",
+                             title=f"Knockout -> {target} by layer group ({model_id})"))
+    return written
 
 
-def plot_lens(summary: dict, stem: Path, model_id: str, k: int) -> None:
-    """``<stem>.png``: object vs background fraction per layer with 95% intervals."""
+def plot_lens(summary: dict, stem: Path, model_id: str, k: int) -> list[Path]:
+    """``<stem>.png``: object vs background fraction per layer with 95% intervals (``n``
+    images in the legend; an empty plot says why). Returns the files written."""
     from vlminterp.plots import line_plot
 
     series = {"object": summary["object_fraction"], "background": summary["background_fraction"]}
-    if all(st["n"] == 0 for v in series.values() for st in v):
-        return
-    line_plot(list(range(len(series["object"]))), {n: values(v) for n, v in series.items()},
-              f"{stem}.png", bands={n: (values(v, "lo"), values(v, "hi")) for n, v in series.items()},
-              xlabel="layer", ylabel=f"fraction whose top-{k} holds the category",
-              title=f"Logit lens on visual tokens ({model_id})")
-
-
+    notes = {n: f"n={max((st['n'] for st in v), default=0)}" for n, v in series.items()}
+    return [line_plot(list(range(len(series["object"]))), {n: values(v) for n, v in series.items()},
+                      f"{stem}.png", bands={n: (values(v, "lo"), values(v, "hi")) for n, v in series.items()},
+                      notes=notes, empty_note="no image has object or background tokens "
+                      "(every image failed or lies outside the model's view)",
+                      xlabel="layer", ylabel=f"fraction whose top-{k} holds the category",
+                      title=f"Logit lens on visual tokens ({model_id})")]

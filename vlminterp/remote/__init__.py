@@ -10,6 +10,10 @@ directory a self-hosted server deployed, see `vlminterp.remote.serve`), renamed 
 local `vlminterp.load`, so every function of `vlminterp.interventions` runs unchanged. Faults
 surface as one-line `RemoteError`s naming the host and model. vlminterp must be installed on
 the server too: a traced block refers to its functions by name.
+
+Results come back as pickles: vlminterp's backend loads them with an allow-list unpickler
+(`vlminterp.remote.safe_results`), never nnsight's ``torch.load(weights_only=False)``, and refuses
+plain http to a host other than this machine unless ``insecure=True`` (``--ndif-insecure``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from .. import models
 from ..models.base import VLM
+from .safe_results import UnsafeResultError, allow_result_type, load_result
 
 PUBLIC_HOST = "https://api.ndif.us"
 
@@ -31,11 +36,28 @@ class RemoteError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Where remote traces go: ``host`` (``name:port`` or a URL), ``api_key``, ``ssl``."""
+    """Where remote traces go: ``host`` (``name:port`` or a URL), ``api_key``, ``ssl``;
+    ``insecure`` allows plain http to a host other than this machine."""
 
     host: str = PUBLIC_HOST
     api_key: str | None = None
     ssl: bool | None = None
+    insecure: bool = False
+
+    def check(self) -> str:
+        """The URL, after refusing plain http to a non-loopback host (ValueError, one line)
+        unless ``insecure``: anyone on the path could read the requests (and the API key) and
+        answer with a result of their own."""
+        from urllib.parse import urlsplit
+
+        url = self.url
+        host = urlsplit(url).hostname or ""
+        if url.startswith("http://") and not self.insecure and not _loopback(host):
+            raise ValueError(f"NDIF host {url}: plain http to {host}, which is not this machine, "
+                             "sends requests and the API key unencrypted and accepts results from "
+                             "anyone on the path; use https, or pass --ndif-insecure "
+                             "(insecure=True) on a network you trust")
+        return url
 
     @property
     def url(self) -> str:
@@ -49,8 +71,19 @@ class Settings:
         return f"{'https' if ssl else 'http'}://{self.host.rstrip('/')}"
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def settings(host: str | None = None, api_key: str | None = None,
-             ssl: bool | str | None = None) -> Settings:
+             ssl: bool | str | None = None, insecure: bool = False) -> Settings:
     """Settings from the arguments, else ``NDIF_HOST`` / ``NDIF_API_KEY`` / ``NDIF_SSL``, else
     nnsight's config (public NDIF)."""
     from nnsight import CONFIG
@@ -62,19 +95,41 @@ def settings(host: str | None = None, api_key: str | None = None,
         if ssl.strip().lower() not in ("1", "true", "yes", "0", "false", "no", ""):
             raise ValueError(f"NDIF_SSL={ssl!r}: expected true/false")
         ssl = None if not ssl.strip() else ssl.strip().lower() in ("1", "true", "yes")
-    return Settings(host=host, api_key=api_key or None, ssl=ssl)
+    return Settings(host=host, api_key=api_key or None, ssl=ssl, insecure=insecure)
 
 
 def _backend_class():
     from nnsight.intervention.backends.remote import RemoteBackend
     from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
 
+    from nnsight.schema.response import ResponseModel
+
     class Backend(RemoteBackend):
-        """nnsight's RemoteBackend with its faults turned into one-line `RemoteError`s."""
+        """nnsight's RemoteBackend with its faults turned into one-line `RemoteError`s, and
+        results (downloaded blobs and binary websocket frames) loaded by `load_result`'s
+        allow-list unpickler instead of ``torch.load(weights_only=False)``."""
+
+        def finalize(self, content: bytes):
+            if self.compress:
+                import zstandard as zstd
+
+                content = zstd.ZstdDecompressor().decompress(content)
+            return load_result(content)
+
+        @staticmethod
+        def parse(message):
+            if isinstance(message, (bytes, bytearray)):
+                return ResponseModel(**load_result(bytes(message)))
+            return ResponseModel.model_validate_json(message)
 
         def __call__(self, tracer=None):
             try:
                 return super().__call__(tracer)
+            except UnsafeResultError as e:
+                raise RemoteError(f"NDIF {self.host}: refused the result for "
+                                  f"{_model_name(self.model_key)}: {e}; a genuine server sends "
+                                  f"only tensors and containers, so this response may not come "
+                                  f"from it") from None
             except NNsightRemoteError as e:
                 raise RemoteError(_job_failed(self.host, self.model_key, str(e))) from None
             except Exception as e:
@@ -91,7 +146,7 @@ def backend(vlm: VLM, config: Settings | None = None, *, blocking: bool = True):
     on a `load_remote` model)."""
     config = config or getattr(vlm, "settings", None) or settings()
     key = vlm.model.to_model_key()
-    return _backend_class()(key, host=config.url, api_key=config.api_key, blocking=blocking)
+    return _backend_class()(key, host=config.check(), api_key=config.api_key, blocking=blocking)
 
 
 class RemoteVLM(VLM):
@@ -121,11 +176,15 @@ class RemoteVLM(VLM):
 
 
 def load_remote(model_id: str, *, host: str | None = None, api_key: str | None = None,
-                ssl: bool | str | None = None) -> RemoteVLM:
+                ssl: bool | str | None = None, insecure: bool = False) -> RemoteVLM:
     """A `RemoteVLM` for a model deployed on an NDIF server: a hub id (public NDIF) or the
-    local directory a self-hosted server deployed (the same path on client and server)."""
+    local directory a self-hosted server deployed (the same path on client and server).
+    Plain http to a host other than this machine is refused unless ``insecure=True``."""
     from nnsight.modeling import huggingface
     from transformers import AutoProcessor
+
+    config = settings(host, api_key, ssl, insecure)
+    config.check()
 
     if model_id in models.TINY:
         raise ValueError(f"model_id {model_id!r} is built in-process: save it with python -m "
@@ -143,7 +202,7 @@ def load_remote(model_id: str, *, host: str | None = None, api_key: str | None =
     wrapped = models.wrap(model_id, processor, model_id, fam)
     return RemoteVLM(wrapped.model, processor, wrapped.family, model_id,
                      torch_model=wrapped.model._module,
-                     settings=settings(host, api_key, ssl))
+                     settings=config)
 
 
 def add_arguments(parser) -> None:
@@ -154,12 +213,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ndif-host", default=None, help="NDIF host (default $NDIF_HOST or "
                                                           "public NDIF)")
     parser.add_argument("--ndif-api-key", default=None, help="default $NDIF_API_KEY")
+    parser.add_argument("--ndif-insecure", action="store_true", help="allow plain http to an "
+                        "NDIF host other than this machine (refused by default: requests, the "
+                        "API key and results would travel unencrypted)")
 
 
 def load_from_args(args, model_id: str, **load_kwargs) -> VLM:
     """`load_remote` when ``args.remote`` is set, else `vlminterp.load`."""
     if getattr(args, "remote", False):
-        return load_remote(model_id, host=args.ndif_host, api_key=args.ndif_api_key)
+        return load_remote(model_id, host=args.ndif_host, api_key=args.ndif_api_key,
+                           insecure=getattr(args, "ndif_insecure", False))
     return models.load(model_id, **load_kwargs)
 
 
@@ -226,4 +289,5 @@ def _transport_fault(host: str, key: str, error: Exception) -> str | None:
 
 
 __all__ = ["Settings", "settings", "backend", "load_remote", "RemoteVLM", "RemoteError",
-           "add_arguments", "load_from_args", "trace_kwargs", "PUBLIC_HOST"]
+           "add_arguments", "load_from_args", "trace_kwargs", "PUBLIC_HOST", "UnsafeResultError",
+           "allow_result_type", "load_result"]

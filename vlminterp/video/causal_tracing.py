@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nnsight
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
@@ -38,6 +37,8 @@ from ..interventions import expand_rows, patch, site_tensor
 from ..metrics import normalised_effect, option_margin
 from .multiple_choice import Frames, last_logits_kwargs
 from ..tokens import TokenSlice
+from .tracing_summary import (MIN_TOTAL_EFFECT, UNSTABLE_DOC, effect_grid, empty_note,  # noqa: F401
+                              excluded_note, mark_unstable, summarise)
 
 VPRIME_SHAPE = (128, 1024)  # the original's --vprime_n, --vprime_d
 DIRECTIONS = ("denoise", "noise")
@@ -283,30 +284,7 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
                     "token_slice": c.token_slice, "role": c.role, "direction": direction,
                     **infos[c.token_slice].record(),
                     "clean_score": clean_s, "counterfactual_score": cf_s,
-                    "patched_score": scores[2 + j],
+                    "patched_score": scores[2 + j], "total_effect": clean_s - cf_s,
                     "effect": _effect(direction, scores[2 + j], cf_s, clean_s),
                 })
     return records, reps
-
-
-def effect_grid(summary: dict, layers: list, counterfactuals: list[str], token_slice: str
-                ) -> np.ndarray:
-    """[layer, counterfactual] mean effects of one slice from `summarise` (NaN where none)."""
-    def cell(cf, layer):
-        value = summary.get(cf, {}).get(token_slice, {}).get(str(layer), {}).get("mean_effect")
-        return np.nan if value is None else value
-
-    return np.array([[cell(cf, layer) for cf in counterfactuals] for layer in layers], dtype=float)
-
-
-def summarise(records: list[dict]) -> dict:
-    """Mean effect (and count) per counterfactual, token slice and layer, nulls skipped."""
-    acc: dict = {}
-    for r in records:
-        cell = acc.setdefault(r["counterfactual"], {}).setdefault(r["token_slice"], {}) \
-            .setdefault(str(r["layer"]), [])
-        if r["effect"] is not None:
-            cell.append(r["effect"])
-    return {cf: {sl: {layer: {"mean_effect": float(np.mean(v)) if v else None, "n": len(v)}
-                      for layer, v in by_layer.items()} for sl, by_layer in slices.items()}
-            for cf, slices in acc.items()}

@@ -133,6 +133,31 @@ def evaluate_probe(kind: str, x: Float[Tensor, "n *f"], y: Int[Tensor, " n"], gr
             "val_groups": sorted({str(groups[i]) for i in val})}
 
 
+def compare_with_baselines(results: list[dict]) -> dict:
+    """The best result (by validation accuracy) against its two references: the majority
+    baseline (always predicting the training majority class) and the shuffled-label control
+    (the same probe trained on permuted labels). ``verdict`` says whether the probe beats both;
+    a probe that does not beat the majority baseline shows no evidence the representation
+    encodes the label, however high its accuracy looks."""
+    best = max(results, key=lambda r: r["accuracy"])
+    over_majority = best["accuracy"] - best["majority_baseline"]
+    over_control = best["accuracy"] - best["control_accuracy"]
+    if over_majority <= 0:
+        verdict = (f"not above the majority baseline ({best['accuracy']:.3f} <= "
+                   f"{best['majority_baseline']:.3f}): no evidence the representation encodes it")
+    elif over_control <= 0:
+        verdict = (f"above the majority baseline but not above the shuffled-label control "
+                   f"({best['accuracy']:.3f} <= {best['control_accuracy']:.3f}): the probe fits "
+                   f"noise as well")
+    else:
+        verdict = (f"above the majority baseline by {over_majority:.3f} and the shuffled-label "
+                   f"control by {over_control:.3f}")
+    return {"best_layer": best.get("layer"), "accuracy": best["accuracy"],
+            "majority_baseline": best["majority_baseline"],
+            "control_accuracy": best["control_accuracy"], "above_majority": over_majority,
+            "selectivity": over_control, "n_val": best["n_val"], "verdict": verdict}
+
+
 # -- datasets from an activation store ----------------------------------------------------------
 def feature(tensors: dict[str, Tensor], representation: str, layer: int | None = None) -> Tensor:
     """One sample's features: ``layers_mean`` needs ``layer`` (its row); ``vprime`` stays
