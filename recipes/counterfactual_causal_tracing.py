@@ -27,7 +27,8 @@ from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError
 from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
-                                     "dump_representations", "layers", "direction")
+                                     "dump_representations", "layers", "direction", "vprime_n",
+                                     "vprime_d")
 
 
 def build_parser() -> argparse.ArgumentParser:

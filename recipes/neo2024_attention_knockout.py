@@ -28,7 +28,8 @@ from vlminterp.neo2024.cli import open_results_log, results
 from vlminterp.runs import as_recipe_errors, final_line, recipe_main
 from vlminterp.store import write_json_atomic
 
-RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups")
+RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups",
+                                      "knockout_pairs")
 
 SOURCES = ("obj_b0", "obj_b1", "obj_b2", "image_minus_obj_b1", "visual")
 TARGETS = ("last", "last_row", "text")

@@ -31,7 +31,8 @@ from vlminterp.store import load_vector, write_json_atomic
 # (--limit, curation) changes every record here.
 RESULT_FLAGS = COMMON_RESULT_FLAGS + (
     "questions", "tasks", "sizes", "ig_steps", "max_new_tokens", "mean_vector", "zero_ablation",
-    "limit", "no_curate", "max_annotations", "min_area", "max_area")
+    "limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
+    "only_with_questions")
 
 
 def build_parser() -> argparse.ArgumentParser:

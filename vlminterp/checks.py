@@ -105,16 +105,25 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def describe_load_error(model_id: str, error: BaseException) -> str:
-    """One line saying why ``model_id`` did not load: no such directory, a corrupt or truncated
-    safetensors file (named), not cached with no hub, or the loader's first line."""
+def _diagnosis(model_id: str) -> tuple[str | None, str | None]:
+    """``(message, local dir)``: a missing directory or a corrupt/truncated shard, if either."""
     expanded = os.path.expanduser(model_id)
     if _path_like(model_id) and not os.path.exists(expanded):
-        return f"model_id {model_id!r}: no such directory"
+        return f"model_id {model_id!r}: no such directory", None
     local = expanded if os.path.isdir(expanded) else _snapshot_dir(model_id)
     bad = bad_checkpoint_file(local) if local else None
     if bad:
-        return f"model_id {model_id!r}: corrupt or truncated checkpoint file {bad}"
+        return f"model_id {model_id!r}: corrupt or truncated checkpoint file {bad}", local
+    return None, local
+
+
+def describe_load_error(model_id: str, error: BaseException) -> str:
+    """One line saying why ``model_id`` did not load: no such directory, a corrupt or truncated
+    safetensors file (named), not cached with no hub, else the loader's own first line (a
+    vlminterp ValueError as it is; anything else with its type)."""
+    message, local = _diagnosis(model_id)
+    if message:
+        return message
     text = str(error)
     if local is None and any(s in text for s in ("couldn't connect", "offline", "Connection",
                                                   "not a valid model identifier",
@@ -124,19 +133,19 @@ def describe_load_error(model_id: str, error: BaseException) -> str:
                 f"{model_id}) or give a local directory saved with save_pretrained")
     if local and not os.path.isfile(os.path.join(local, "config.json")):
         return f"model_id {model_id!r}: {local} has no config.json (not a saved checkpoint)"
+    if type(error) is ValueError:  # vlminterp's own message
+        return _first_line(error)
     return f"model_id {model_id!r}: cannot load it ({type(error).__name__}: {_first_line(error)})"
 
 
 def load_checked(model_id: str, **kwargs):
     """`vlminterp.load` with every loading failure as a one-line `RecipeError` (see
-    `describe_load_error`); vlminterp's own ValueErrors (unknown id) keep their message."""
+    `describe_load_error`)."""
     from vlminterp.models import load
 
     try:
         return load(model_id, **kwargs)
     except RecipeError:
         raise
-    except Exception as e:  # OSError, SafetensorError, HFValidationError, RuntimeError, ...
-        if type(e) is ValueError:  # vlminterp's own message, already one line
-            raise RecipeError(_first_line(e)) from None
+    except Exception as e:  # ValueError, OSError, SafetensorError, HFValidationError, ...
         raise RecipeError(describe_load_error(model_id, e)) from None

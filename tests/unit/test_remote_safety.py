@@ -156,7 +156,10 @@ def test_plain_http_only_to_this_machine(host, ok):
 
 
 def test_load_remote_refuses_insecure_host_before_any_work(monkeypatch):
-    monkeypatch.setattr(remote.models, "_kind", lambda *a: pytest.fail("loaded before the check"))
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(ValueError, match="not this machine"):
         remote.load_remote("llava-hf/llava-1.5-7b-hf", host="http://203.0.113.7:8001")
     parser = argparse.ArgumentParser()

@@ -19,7 +19,8 @@ from vlminterp.runs import add_run_args, logged_results, open_log, result_config
 # this run's images.
 RESULT_FLAGS = ("model_id", "dtype", "coco_annotations", "image_root", "synthetic", "seed",
                 "use_boxes", "keep_all")
-SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area")
+SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
+                   "only_with_questions")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
