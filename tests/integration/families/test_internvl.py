@@ -1,28 +1,12 @@
 """InternVL specifics: tiles + thumbnail in one run, their geometry checked by painting through
 the real processor; the crop count per row (the processor drops ``num_patches``)."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import random_image, tiny
-from PIL import Image
+from conftest import random_image, random_video, tiny
+from painted import check_views, painted
 
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-
-
-def painted(size, box) -> Image.Image:
-    w, h = size
-    pixels = np.zeros((h, w, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = box
-    pixels[y0:y1, x0:x1] = 255
-    return Image.fromarray(pixels)
-
-
-def cell_brightness(crop: torch.Tensor, side: int) -> torch.Tensor:
-    """Mean brightness in [0, 1] of each cell of a normalised [3, H, W] crop: [side, side]."""
-    pixels = (crop * STD[:, None, None] + MEAN[:, None, None]).mean(0)
-    cell = pixels.shape[-1] // side
-    return pixels.view(side, cell, side, cell).mean((1, 3))
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 # Boxes on cell borders of every view (tile cells are 16 px of these originals, thumbnail
@@ -40,20 +24,7 @@ def test_a_painted_box_is_bright_exactly_in_the_cells_box_positions_names(size, 
     assert [v.kind for v in span.views] == ["tile"] * (cols * rows) + ["thumbnail"]
     assert [v.source for v in span.views] == list(range(cols * rows + 1))
     assert len(inputs["pixel_values"]) == cols * rows + 1
-    named = set(span.box_positions(box).tolist())
-    bright_views = 0
-    for view in span.views:
-        side = view.grid[0]
-        light = cell_brightness(inputs["pixel_values"][view.source].cpu(), side)
-        cells = set(view.geometry.box_cells(box))
-        for r in range(side):
-            for c in range(side):
-                if (r, c) in cells:
-                    assert light[r, c] > 0.6, (view.kind, view.source, r, c)
-                    assert int(view.cell_positions([(r, c)])) in named
-                else:
-                    assert light[r, c] < 0.2, (view.kind, view.source, r, c)
-        bright_views += bool(cells)
+    bright_views = check_views(span, inputs["pixel_values"], box, MEAN, STD)
     assert 2 <= bright_views < len(span.views)  # the thumbnail and some, not all, tiles
 
 
@@ -70,3 +41,21 @@ def test_crops_per_row_match_the_image_processor_and_select_rows_splits_them():
     assert picked.row_sizes()["pixel_values"] == [1, 7, 7]
     views = [len(vlm.layout(a)[0].images[0].views) for a in alone]
     assert views == [7, 4, 1]
+
+
+def test_frames_are_not_resampled_even_where_the_processor_would():
+    """A checkpoint whose video processor samples frames (do_sample_frames, num_frames) would
+    drop frames: the family's video_kwargs turn it off, so 8 frames given are 8 groups."""
+    vlm = tiny("tiny-internvl")
+    vp = vlm.processor.video_processor
+    vp.do_sample_frames, vp.num_frames = True, 4
+    try:
+        resampled = vlm.processor(text=["<video>"], videos=[list(random_video(0))],
+                                  return_tensors="pt")
+        inputs = vlm.prepare(text="Which?", video=[random_video(0)])
+    finally:
+        vp.do_sample_frames, vp.num_frames = False, None
+    assert len(resampled["pixel_values"]) == 4
+    assert len(inputs["pixel_values"]) == 8
+    assert [g.frames for g in vlm.layout(inputs)[0].videos[0].groups] == \
+        [(k, k + 1) for k in range(8)]
