@@ -88,7 +88,9 @@ class Family:
       decoder layers, outside the layer modules), ``per_layer`` (per-layer inputs);
     - ``late_inputs``: for ``deepstack`` / ``per_layer``, how the LM's extra visual inputs
       become per-row dense tensors and back (see `interventions.expand_rows`);
-    - ``flat_inputs``: input keys flattened over patches -> how to split them by row;
+    - ``flat_inputs``: input keys flattened over patches -> ``sizes(inputs, vlm)``, how many
+      leading entries each row owns (the processor may not return it: InternVL drops
+      ``num_patches``, so the vlm is there to recover it);
     - ``attention``: predicate on a decoder layer module: does it use softmax attention
       (default: it has ``self_attn``); ``logits_to_keep``: whether ``logits_to_keep=1`` is safe.
     """

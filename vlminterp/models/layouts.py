@@ -62,7 +62,7 @@ def prepare(vlm, *, text, images, video, chat, answer_prefix, nest_images: bool 
         meta["num_frames"] = [len(v) for v in arrays]
         call = {**family.video_kwargs, **call}
     out = ModelInputs(dict(vlm.processor(**call)), meta=meta)
-    out.meta["row_sizes"] = {key: sizes(out) for key, sizes in family.flat_inputs.items()
+    out.meta["row_sizes"] = {key: sizes(out, vlm) for key, sizes in family.flat_inputs.items()
                              if key in out}
     return out.to(vlm.device)
 
