@@ -26,7 +26,6 @@ __all__ = ["RecipeError", "SampleError", "check_device", "check_output", "load_c
 # Video flags that change a sample's records (each recipe adds its own).
 VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num_frames")
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def add_video_args(p) -> None:
@@ -73,9 +72,12 @@ def load_video_model(args):
             raise ValueError(f"--remote: {e}") from None
     else:
         vlm = load_checked(args.model_id, device=check_device(args.device))
-    if vlm.family.name not in VIDEO_FAMILIES:
-        raise ValueError(f"model_id {args.model_id!r} ({vlm.family.name}) does not take video; "
-                         f"use a Qwen2-VL / Qwen2.5-VL model")
+    if not vlm.family.takes_video:
+        from .models import FAMILIES
+
+        video = ", ".join(f.name for f in FAMILIES if f.takes_video)
+        raise ValueError(f"--model_id {args.model_id!r} ({vlm.family.name}) does not take video; "
+                         f"video families: {video}")
     return vlm
 
 
