@@ -10,8 +10,8 @@ import torch
 from conftest import media_pair, random_video, tiny
 
 import vlminterp
-from vlminterp.interventions import (cache, expand_rows, knockout_attention, logit_lens, patch,
-                                     site_tensor)
+from vlminterp.interventions import (cache, expand_rows, knockout_attention, logit_lens,
+                                     output_tensor, patch, site_tensor)
 from vlminterp.models import FAMILIES
 
 IDS = [tid for fam in FAMILIES for tid in fam.tiny]
@@ -58,6 +58,7 @@ def test_standard_names_are_the_hf_modules(vlm):
     kind = vlm.family.modalities[0]
     inputs = media_pair(vlm, kind)
     with torch.no_grad(), vlm.trace(inputs):
+        projected = output_tensor(vlm.projector).save()  # first: modules in execution order
         last = vlm.layers[-1].output.save()
         normed_in = vlm.ln_final.input.save()
         normed = vlm.ln_final.output.save()
@@ -71,9 +72,9 @@ def test_standard_names_are_the_hf_modules(vlm):
     assert len(blocks) == depth
     for j in range(len(blocks)):
         assert blocks[j].attn._module in list(blocks[j]._module.children())
-    projected = vlm.projector._module
-    assert any(p.shape[0] == m.config.get_text_config().hidden_size
-               for p in projected.parameters() if p.ndim == 2)
+    # the projector's output is what enters the LM (a weight-shape check would miss Gemma 3's
+    # [vision, text] matmul weight)
+    assert projected.shape[-1] == m.config.get_text_config().hidden_size
 
 
 def test_the_media_changes_the_lm_input(case):
