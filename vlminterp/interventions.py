@@ -159,6 +159,10 @@ def expand_rows(vlm, rows=None, *, carry=()) -> None:
     if late is not None:
         new.update(late.from_dense(new, dense))
     vlm.lm.inputs = (args, new)
+    inside = getattr(late, "carry_inside", None)
+    if carry and inside is not None:  # inputs the LM derives from its own input (Gemma 4)
+        inside(vlm, [(src, _rows(dst, len(idx)), _index(positions), after)
+                     for src, dst, positions, after in carry])
 
 
 def _take_rows(key: str, value, idx: Tensor, batch: int):
