@@ -139,7 +139,10 @@ def expand_rows(vlm, rows=None, *, carry=()) -> None:
     ``after_layer`` (``"embed"``: all of them) — with a patch of ``vlm.residual(after_layer)``
     at the same positions, the destination then runs exactly as the source. A no-op on other
     families. (`Family.late_inputs` turns those inputs into dense ``[batch, seq, layer, ...]``
-    tensors and back.)"""
+    tensors and back; what the LM computes from its own input — Gemma 4's per-layer
+    projection, the keys/values its KV-shared layers reuse — its ``carry_inside`` copies,
+    having waited for layer L's attention output: there, sites that run earlier cannot be
+    read after this call.)"""
     args, kwargs = vlm.lm.inputs
     late = vlm.family.late_inputs
     dense = late.to_dense(kwargs) if late is not None else {}
