@@ -190,12 +190,16 @@ def test_knockout_of_visual_positions_makes_later_positions_media_independent(ca
                 knockout_attention(vlm, [0], [1], [other])
         pytest.skip("hybrid model: knockout applies to its attention layers only")
     lay = vlm.layout(inputs)
+    visual = set(lay[0].visual.tolist())
     later = torch.tensor([p for p in range(int(lay[0].visual.min()), lay[0].seq_len)
-                          if p not in set(lay[0].visual.tolist())])
+                          if p not in visual])
+    # every non-visual query: a marker before the first patch may attend to the patches
+    # (Molmo2's image tokens and markers share one bidirectional block)
+    others = torch.tensor([p for p in range(lay[0].seq_len) if p not in visual])
     ref = vlm.forward(inputs)
     assert (ref[0, later] - ref[1, later]).abs().max() > 1e-3
     with torch.no_grad(), vlm.trace(inputs):
-        knockout_attention(vlm, lay[0].visual, later, layers)
+        knockout_attention(vlm, lay[0].visual, others, layers)
         logits = vlm.lm_head.output.save()
     torch.testing.assert_close(logits[0, later], logits[1, later], atol=1e-5, rtol=0)
 
