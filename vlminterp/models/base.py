@@ -106,7 +106,8 @@ class Family:
       embeddings replaced), ``add`` (added onto them), ``deepstack`` (also added after early
       decoder layers, outside the layer modules), ``per_layer`` (per-layer inputs);
     - ``late_inputs``: for ``deepstack`` / ``per_layer``, how the LM's extra visual inputs
-      become per-row dense tensors and back (see `interventions.expand_rows`);
+      become per-row dense tensors and back (see `interventions.expand_rows`); its optional
+      ``carry_inside(vlm, carry)`` carries what the LM derives from its own input (Gemma 4);
     - ``flat_inputs``: input keys flattened over patches -> ``sizes(inputs, vlm)``, how many
       leading entries each row owns (the processor may not return it: InternVL drops
       ``num_patches``, so the vlm is there to recover it);

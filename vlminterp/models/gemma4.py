@@ -137,7 +137,8 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
             groups = []
             for f, (start, stop, _) in enumerate(runs):
                 pos = torch.arange(start, stop)
-                groups.append(Group(pos, (f, f + 1), _view(pos, next(frame_pos), k, patch, None)[0]))
+                grid = _view(pos, next(frame_pos), k, patch, None)[0]
+                groups.append(Group(pos, (f, f + 1), grid))
             stamps = [_timestamp(vlm.tokenizer, ids, a, cfg) for a, _, _ in runs]
             videos.append(VideoSpan(groups, n, markers=torch.cat(stamps)))
         marks = positions_of(ids, (cfg.boi_token_id, cfg.eoi_token_id))

@@ -63,49 +63,56 @@ def _pooled_view(pos, size, resized, patch: int, pool: int, kind, source, col) -
 
 
 def layout(vlm, inputs: ModelInputs) -> TokenLayout:
-    from transformers.models.molmo2.image_processing_molmo2 import compute_crop_geometry
-
-    cfg, proc = vlm.torch_model.config, vlm.processor
-    ip, vp = proc.image_processor, proc.video_processor
     tok = {t: vlm.tokenizer.convert_tokens_to_ids(t) for t in MOLMO_TOKENS}
-    low_col = proc.image_use_col_tokens if proc.use_single_crop_col_tokens is None \
-        else proc.use_single_crop_col_tokens
     grids = iter(inputs.get("image_grids", torch.zeros(0, 4)).tolist())
     video_grids = iter(inputs.get("video_grids", torch.zeros(0, 3)).tolist())
     sizes = iter(inputs.meta.get("image_sizes", []))
     rows = []
     for b, ids in enumerate(inputs["input_ids"].cpu()):
-        images, videos = [], []
-        for s in positions_of(ids, (tok["<low_res_im_start>"],)).tolist():
-            low_h, low_w, high_h, high_w = next(grids)
-            size = next(sizes, None)
-            crop, p, pool = ip.size["height"], ip.patch_size, ip.pooling_size[0]
-            low_end = s + 1 + low_h * (low_w + int(low_col))
-            _, _, ch, cw = compute_crop_geometry(size[1], size[0], ip.max_crops, ip.overlap_margins,
-                                                 crop, p)
-            high = torch.arange(low_end + 2, low_end + 2 + high_h * (high_w + int(proc.image_use_col_tokens)))
-            views = [_pooled_view(torch.arange(s + 1, low_end), size, (crop, crop), p, pool,
-                                  "thumbnail", 0, low_col),
-                     _pooled_view(high, size, (cw, ch), p, pool, "tiles", None,
-                                  proc.image_use_col_tokens)]
-            marks = torch.tensor([s, low_end, low_end + 1, int(high[-1]) + 1])
-            images.append(ImageSpan(views, marks))
+        images = [_image(vlm.processor, s, next(grids), next(sizes))
+                  for s in positions_of(ids, (tok["<low_res_im_start>"],)).tolist()]
         starts = positions_of(ids, (tok["<frame_start>"],)).tolist()
-        if starts:  # one video per row, one run per frame
-            n, gh, gw = [int(x) for x in next(video_grids)]
-            crop, p, pool = vp.size["height"], vp.patch_size, vp.pooling_size[0]
-            groups, marks = [], []
-            for f, s in enumerate(starts):
-                stop = s + 1 + gh * (gw + int(proc.video_use_col_tokens))
-                view = _pooled_view(torch.arange(s + 1, stop), None, (crop, crop), p, pool,
-                                    "frame", None, proc.video_use_col_tokens)
-                groups.append(Group(view.positions, (f, f + 1), view.grid))
-                marks += [s, stop, *view.separators.tolist(), *_timestamp(vlm.tokenizer, ids, s)]
-            if len(groups) != n:
-                raise ValueError(f"row {b}: {len(groups)} frame runs for {n} frames")
-            videos.append(VideoSpan(groups, n, markers=torch.tensor(sorted(marks))))
+        videos = [_video(vlm, ids, starts, next(video_grids))] if starts else []
         rows.append(finish_row(inputs, b, images, videos))
     return TokenLayout(rows)
+
+
+def _image(proc, s: int, grid, size) -> ImageSpan:
+    """The image whose ``<low_res_im_start>`` is at ``s``: thumbnail, ``<im_end>``,
+    ``<im_start>``, high-resolution canvas, ``<im_end>``."""
+    from transformers.models.molmo2.image_processing_molmo2 import compute_crop_geometry
+
+    ip, col = proc.image_processor, proc.image_use_col_tokens
+    low_col = col if proc.use_single_crop_col_tokens is None else proc.use_single_crop_col_tokens
+    low_h, low_w, high_h, high_w = [int(x) for x in grid]
+    crop, p, pool = ip.size["height"], ip.patch_size, ip.pooling_size[0]
+    low_end = s + 1 + low_h * (low_w + int(low_col))
+    high_end = low_end + 2 + high_h * (high_w + int(col))
+    _, _, ch, cw = compute_crop_geometry(size[1], size[0], ip.max_crops, ip.overlap_margins,
+                                         crop, p)
+    views = [_pooled_view(torch.arange(s + 1, low_end), size, (crop, crop), p, pool,
+                          "thumbnail", 0, low_col),
+             _pooled_view(torch.arange(low_end + 2, high_end), size, (cw, ch), p, pool, "tiles",
+                          None, col)]
+    return ImageSpan(views, torch.tensor([s, low_end, low_end + 1, high_end]))
+
+
+def _video(vlm, ids, starts: list[int], grid) -> VideoSpan:
+    """One group per ``<frame_start>`` (frame f of the frames given: no resampling)."""
+    proc = vlm.processor
+    vp, col = proc.video_processor, proc.video_use_col_tokens
+    n, gh, gw = [int(x) for x in grid]
+    if len(starts) != n:
+        raise ValueError(f"{len(starts)} frame runs for a video of {n} frames")
+    crop, p, pool = vp.size["height"], vp.patch_size, vp.pooling_size[0]
+    groups, marks = [], []
+    for f, s in enumerate(starts):
+        stop = s + 1 + gh * (gw + int(col))
+        view = _pooled_view(torch.arange(s + 1, stop), None, (crop, crop), p, pool, "frame",
+                            None, col)
+        groups.append(Group(view.positions, (f, f + 1), view.grid))
+        marks += [s, stop, *view.separators.tolist(), *_timestamp(vlm.tokenizer, ids, s)]
+    return VideoSpan(groups, n, markers=torch.tensor(sorted(marks)))
 
 
 def _timestamp(tokenizer, ids, start: int) -> list[int]:
