@@ -61,7 +61,8 @@ class ModelInputs(dict):
         meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
                 for k, v in self.meta.items() if k not in ("row_sizes", "index_spans")}
         meta["row_sizes"] = {k: [s[r] for r in rows] for k, s in sizes.items()}
-        meta["index_spans"] = {k: [s[r] for r in rows] for k, s in spans.items()}
+        if "index_spans" in self.meta:
+            meta["index_spans"] = {k: [s[r] for r in rows] for k, s in spans.items()}
         return ModelInputs(out, meta=meta)
 
     def row_sizes(self) -> dict[str, list[int]]:
