@@ -92,7 +92,7 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
     return TokenLayout(rows)
 
 
-def crops_per_row(inputs) -> list[int]:
+def crops_per_row(inputs, vlm=None) -> list[int]:
     """``pixel_values`` holds one entry per image run (base + pan-and-scan crops); a run is a
     run of ``token_type_ids == 1``."""
     return [len(visual_runs(row.cpu(), (1,))) for row in inputs["token_type_ids"]]

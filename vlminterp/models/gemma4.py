@@ -191,7 +191,7 @@ def build_tiny(seed: int = 0, softcap: float | None = None):
     return tiny.seeded_model(Gemma4ForConditionalGeneration, config, seed), processor
 
 
-def _frames_per_row(inputs) -> list[int]:
+def _frames_per_row(inputs, vlm=None) -> list[int]:
     return inputs["num_frames_per_video"].tolist()
 
 

@@ -167,6 +167,11 @@ def build_tiny(seed: int = 0):
     return model, processor
 
 
+def _tokens_per_image(inputs, vlm=None) -> list[int]:
+    """Pooled tokens of each image: thumbnail rows x cols + high-resolution rows x cols."""
+    return inputs["image_grids"].view(-1, 2, 2).prod(-1).sum(-1).tolist()
+
+
 FAMILY = Family(
     "molmo2", ("molmo2",), layout, modalities=("image", "video"), tiny={"tiny-molmo2": build_tiny},
     prepare=prepare,  # the projector into the LM's space is the adapter's MLP (a plain tensor)
@@ -174,8 +179,7 @@ FAMILY = Family(
             "model.multi_modal_projector.image_projector": "projector"},
     image_token="<|image|>", video_token="<|video|>", visual_entry="add",
     video_kwargs={"do_sample_frames": False}, extra={"view_pixels": _view_pixels},
-    flat_inputs={"pixel_values": lambda out: out["image_num_crops"].tolist(),
-                 "image_token_pooling": lambda out: out["image_grids"].view(-1, 2, 2).prod(-1)
-                 .sum(-1).tolist(),
-                 "pixel_values_videos": lambda out: out["video_grids"][:, 0].tolist(),
-                 "video_token_pooling": lambda out: out["video_grids"].prod(-1).tolist()})
+    flat_inputs={"pixel_values": lambda out, vlm: out["image_num_crops"].tolist(),
+                 "image_token_pooling": _tokens_per_image,
+                 "pixel_values_videos": lambda out, vlm: out["video_grids"][:, 0].tolist(),
+                 "video_token_pooling": lambda out, vlm: out["video_grids"].prod(-1).tolist()})
