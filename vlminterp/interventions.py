@@ -139,7 +139,10 @@ def expand_rows(vlm, rows=None, *, carry=()) -> None:
     ``after_layer`` (``"embed"``: all of them) — with a patch of ``vlm.residual(after_layer)``
     at the same positions, the destination then runs exactly as the source. A no-op on other
     families. (`Family.late_inputs` turns those inputs into dense ``[batch, seq, layer, ...]``
-    tensors and back.)"""
+    tensors and back; what the LM computes from its own input — Gemma 4's per-layer
+    projection, the keys/values its KV-shared layers reuse — its ``carry_inside`` copies,
+    having waited for layer L's attention output: there, sites that run earlier cannot be
+    read after this call.)"""
     args, kwargs = vlm.lm.inputs
     late = vlm.family.late_inputs
     dense = late.to_dense(kwargs) if late is not None else {}
@@ -159,6 +162,10 @@ def expand_rows(vlm, rows=None, *, carry=()) -> None:
     if late is not None:
         new.update(late.from_dense(new, dense))
     vlm.lm.inputs = (args, new)
+    inside = getattr(late, "carry_inside", None)
+    if carry and inside is not None:  # inputs the LM derives from its own input (Gemma 4)
+        inside(vlm, [(src, _rows(dst, len(idx)), _index(positions), after)
+                     for src, dst, positions, after in carry])
 
 
 def _take_rows(key: str, value, idx: Tensor, batch: int):
@@ -169,6 +176,8 @@ def _take_rows(key: str, value, idx: Tensor, batch: int):
         return value
     if key == "position_ids" and value.ndim == 3:  # Qwen's M-RoPE ids: [3 or 4, batch, seq]
         return value[:, idx.to(value.device)]
+    if value.shape[0] == 1 and batch != 1:  # one entry every row shares (PaliGemma's positions)
+        return value
     if value.shape[0] == batch:
         return value[idx.to(value.device)]
     raise ValueError(f"expand_rows: cannot index language-model input {key!r} of shape "
@@ -243,6 +252,17 @@ def additive_mask(mask: Tensor | None, hidden: Float[Tensor, "batch q d"]) -> Te
 
 
 def logit_lens(vlm, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch vocab"]:
-    """Vocabulary logits of a hidden state through ``ln_final`` then ``lm_head``. Read
-    layer outputs (not HF ``hidden_states``, whose last entry is already normed)."""
-    return vlm.lm_head(vlm.ln_final(hidden))
+    """Vocabulary logits of a hidden state through ``ln_final`` then ``lm_head`` (then the
+    final logit soft-capping where the model applies one, see `softcap_logits`), so the lens
+    of the last layer is the model's logits. Read layer outputs (not HF ``hidden_states``,
+    whose last entry is already normed)."""
+    return softcap_logits(vlm, vlm.lm_head(vlm.ln_final(hidden)))
+
+
+def softcap_logits(vlm, logits: Tensor) -> Tensor:
+    """``cap * tanh(logits / cap)`` where the text config sets ``final_logit_softcapping``
+    (Gemma 2-based PaliGemma 2, Gemma 4) — applied by the model *after* ``lm_head``, so there
+    ``vlm.lm_head.output`` is the logits before the cap — else ``logits`` unchanged."""
+    model = vlm.torch_model if vlm.torch_model is not None else vlm.model._module  # remote: meta
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap

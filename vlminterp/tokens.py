@@ -68,11 +68,13 @@ class TokenSlice:
 class ImageGeometry:
     """How original pixels reach the patch grid: resize to ``resized`` (w, h), crop the
     window at ``crop_box`` (left, top, right, bottom) of the resized image, cut in square
-    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens."""
+    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens. ``resized`` and ``crop_box``
+    may be fractional: a crop of the original resized to a square input (pan-and-scan) is the
+    whole image resized by the crop's scale, then the crop's window."""
 
     original: tuple[int, int]
-    resized: tuple[int, int]
-    crop_box: tuple[int, int, int, int]
+    resized: tuple[int | float, int | float]
+    crop_box: tuple[int | float, int | float, int | float, int | float]
     cell: int
     grid: tuple[int, int]
 

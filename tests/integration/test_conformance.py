@@ -10,8 +10,8 @@ import torch
 from conftest import media_pair, random_video, tiny
 
 import vlminterp
-from vlminterp.interventions import (cache, expand_rows, knockout_attention, logit_lens, patch,
-                                     site_tensor)
+from vlminterp.interventions import (cache, expand_rows, knockout_attention, logit_lens,
+                                     output_tensor, patch, site_tensor)
 from vlminterp.models import FAMILIES
 
 IDS = [tid for fam in FAMILIES for tid in fam.tiny]
@@ -58,6 +58,7 @@ def test_standard_names_are_the_hf_modules(vlm):
     kind = vlm.family.modalities[0]
     inputs = media_pair(vlm, kind)
     with torch.no_grad(), vlm.trace(inputs):
+        projected = output_tensor(vlm.projector).save()  # first: modules in execution order
         last = vlm.layers[-1].output.save()
         normed_in = vlm.ln_final.input.save()
         normed = vlm.ln_final.output.save()
@@ -71,9 +72,9 @@ def test_standard_names_are_the_hf_modules(vlm):
     assert len(blocks) == depth
     for j in range(len(blocks)):
         assert blocks[j].attn._module in list(blocks[j]._module.children())
-    projected = vlm.projector._module
-    assert any(p.shape[0] == m.config.get_text_config().hidden_size
-               for p in projected.parameters() if p.ndim == 2)
+    # the projector's output is what enters the LM (a weight-shape check would miss Gemma 3's
+    # [vision, text] matmul weight)
+    assert projected.shape[-1] == m.config.get_text_config().hidden_size
 
 
 def test_the_media_changes_the_lm_input(case):
@@ -189,12 +190,16 @@ def test_knockout_of_visual_positions_makes_later_positions_media_independent(ca
                 knockout_attention(vlm, [0], [1], [other])
         pytest.skip("hybrid model: knockout applies to its attention layers only")
     lay = vlm.layout(inputs)
+    visual = set(lay[0].visual.tolist())
     later = torch.tensor([p for p in range(int(lay[0].visual.min()), lay[0].seq_len)
-                          if p not in set(lay[0].visual.tolist())])
+                          if p not in visual])
+    # every non-visual query: a marker before the first patch may attend to the patches
+    # (Molmo2's image tokens and markers share one bidirectional block)
+    others = torch.tensor([p for p in range(lay[0].seq_len) if p not in visual])
     ref = vlm.forward(inputs)
     assert (ref[0, later] - ref[1, later]).abs().max() > 1e-3
     with torch.no_grad(), vlm.trace(inputs):
-        knockout_attention(vlm, lay[0].visual, later, layers)
+        knockout_attention(vlm, lay[0].visual, others, layers)
         logits = vlm.lm_head.output.save()
     torch.testing.assert_close(logits[0, later], logits[1, later], atol=1e-5, rtol=0)
 

@@ -37,23 +37,32 @@ class ModelInputs(dict):
         processor: ``inputs.select_rows([0] * n)`` repeats a single row n times. Tensors
         flattened over patches (``meta["row_sizes"]``, set by the family's `prepare`; Qwen's
         pixel tensors by their grid) are split per row; every other tensor is indexed on its
-        batch axis."""
+        batch axis. Flattened inputs that hold indices into another flattened input
+        (``meta["index_spans"]``: per key, how many indexed entries each row owns — Molmo2's
+        pooling indices) are shifted to the rows' new places."""
         n, rows = self.batch_size, list(rows)
-        sizes = self.row_sizes()
+        sizes, spans = self.row_sizes(), self.meta.get("index_spans", {})
         out = {}
         for key, value in self.items():
             if key in sizes:
                 parts = value.split(sizes[key])
                 if len(parts) != n:
                     raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
-                out[key] = torch.cat([parts[r] for r in rows])
+                if key in spans:
+                    parts = _shift_indices(parts, rows, spans[key])
+                    rows_here = range(len(rows))
+                else:
+                    rows_here = rows
+                out[key] = torch.cat([parts[r] for r in rows_here])
             elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
                 out[key] = value[rows]
             else:
                 raise ValueError(f"select_rows: cannot split input {key!r} by batch row")
         meta = {k: [v[r] for r in rows] if isinstance(v, list) and len(v) == n else v
-                for k, v in self.meta.items() if k != "row_sizes"}
+                for k, v in self.meta.items() if k not in ("row_sizes", "index_spans")}
         meta["row_sizes"] = {k: [s[r] for r in rows] for k, s in sizes.items()}
+        if "index_spans" in self.meta:
+            meta["index_spans"] = {k: [s[r] for r in rows] for k, s in spans.items()}
         return ModelInputs(out, meta=meta)
 
     def row_sizes(self) -> dict[str, list[int]]:
@@ -63,6 +72,17 @@ class ModelInputs(dict):
             if key in self and key not in sizes and grid_key in self:
                 sizes[key] = self[grid_key].prod(-1).tolist()
         return sizes
+
+
+def _shift_indices(parts, rows, spans) -> list:
+    """Row r's parts index entries [sum(spans[:r]), +spans[r]) of another flattened input;
+    in the selected batch those entries start elsewhere (negative indices are padding)."""
+    starts = [sum(spans[:r]) for r in range(len(spans))]
+    out, start = [], 0
+    for r in rows:
+        out.append(torch.where(parts[r] >= 0, parts[r] - starts[r] + start, parts[r]))
+        start += spans[r]
+    return out
 
 
 # Qwen-style families flatten the patches of every image/video of a batch into one tensor;
@@ -87,7 +107,8 @@ class Family:
       embeddings replaced), ``add`` (added onto them), ``deepstack`` (also added after early
       decoder layers, outside the layer modules), ``per_layer`` (per-layer inputs);
     - ``late_inputs``: for ``deepstack`` / ``per_layer``, how the LM's extra visual inputs
-      become per-row dense tensors and back (see `interventions.expand_rows`);
+      become per-row dense tensors and back (see `interventions.expand_rows`); its optional
+      ``carry_inside(vlm, carry)`` carries what the LM derives from its own input (Gemma 4);
     - ``flat_inputs``: input keys flattened over patches -> ``sizes(inputs, vlm)``, how many
       leading entries each row owns (the processor may not return it: InternVL drops
       ``num_patches``, so the vlm is there to recover it);

@@ -201,7 +201,7 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
                     key=_layer_order)
     pooled = resolve_slice(lay, dump_slice).positions if dump else None
     keep = last_logits_kwargs(vlm)
-    at = -1 if keep else lay[0].last
+    at = -1 if "logits_to_keep" in keep else lay[0].last
     with torch.no_grad(), vlm.trace(pair, **keep):
         reps = nnsight.save({})  # made inside the trace and saved: NDIF returns saved objects only
         expand_rows(vlm, [0, 1] + [dst] * len(chunk))

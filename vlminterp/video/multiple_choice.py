@@ -39,16 +39,18 @@ def option_ids(vlm, n: int, chat: bool = True) -> list[int]:
 def last_logits_kwargs(vlm) -> dict:
     """Forward kwargs for a run that needs only the last position's logits (skip the
     [B, seq, vocab] projection) and no key/value cache; those the model does not take are
-    left out."""
+    left out, and ``logits_to_keep`` where the family says it is unsafe (Gemma 4's KV-shared
+    layers then run on the last position only: `Family.logits_to_keep`)."""
     params = inspect.signature(vlm.torch_model.forward).parameters
-    return {k: v for k, v in (("logits_to_keep", 1), ("use_cache", False)) if k in params}
+    keep = (("logits_to_keep", 1),) if vlm.family.logits_to_keep else ()
+    return {k: v for k, v in (*keep, ("use_cache", False)) if k in params}
 
 
 def option_scores(vlm, frames: Frames, prompt: str, ids: list[int]) -> list[float]:
     """The option letters' logits at the last position of one clip's chat prompt."""
     inputs = vlm.prepare(text=prompt, video=[frames])
     keep = last_logits_kwargs(vlm)
-    at = -1 if keep else vlm.layout(inputs)[0].last
+    at = -1 if "logits_to_keep" in keep else vlm.layout(inputs)[0].last
     with torch.no_grad(), vlm.trace(inputs, **keep):
         logits = vlm.lm_head.output[0, at].save()
     return logits[list(ids)].float().tolist()
