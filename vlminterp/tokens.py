@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+Size = int | float
 _SLICE_HELP = ("allowed: 'all', 'text', 'markers', 'visual', 'last', 'visual_frames:a:b' "
                "(half-open input frames, a < b), 'positions:i,j,k'")
 
@@ -68,12 +69,14 @@ class TokenSlice:
 class ImageGeometry:
     """How original pixels reach the patch grid: resize to ``resized`` (w, h), crop the
     window at ``crop_box`` (left, top, right, bottom) of the resized image, cut in square
-    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens."""
+    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens. Sizes may be fractional
+    where a model resamples its token grid (LLaVA-OneVision's interpolated anyres grid):
+    the cells are then the tokens' nominal footprints."""
 
     original: tuple[int, int]
-    resized: tuple[int, int]
-    crop_box: tuple[int, int, int, int]
-    cell: int
+    resized: tuple[Size, Size]
+    crop_box: tuple[Size, Size, Size, Size]
+    cell: Size
     grid: tuple[int, int]
 
     def box_cells(self, box, buffer: int = 0) -> list[tuple[int, int]]:
