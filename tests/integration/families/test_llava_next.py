@@ -89,3 +89,24 @@ def test_painted_box_lands_where_box_positions_says_in_every_view(model_id, w, h
         assert set(view.box_positions(box).tolist()) == bright, (view.kind, view.source)
     assert len(span.box_positions(box)) > 0
 
+
+
+@pytest.mark.parametrize("model_id", ["tiny-llava-next", "tiny-llava-onevision"])
+def test_rows_of_different_sizes_map_to_their_own_crops(model_id):
+    """Two images with different tile grids in one (padded) batch: perturbing one crop of
+    row 1 changes exactly the positions of that view of row 1, and nothing in row 0."""
+    vlm = tiny(model_id)
+    images = [Image.new("RGB", (80, 60), (90, 30, 200)),
+              Image.new("RGB", (50, 140), (20, 220, 60))]
+    inputs = vlm.prepare(text="What?", images=images)
+    lay = vlm.layout(inputs)
+    assert [len(r.images[0].views) for r in lay.rows] == [5, 3]
+    with torch.no_grad(), vlm.trace(inputs):
+        clean = vlm.layers[0].input.save()
+    for view in lay[1].images[0].views:
+        perturbed = inputs.select_rows([0, 1])
+        perturbed["pixel_values"][1, view.source] += 1.0
+        with torch.no_grad(), vlm.trace(perturbed):
+            h = vlm.layers[0].input.save()
+        changed = ((h - clean).abs().amax(-1) > 1e-6).nonzero().tolist()
+        assert changed == [[1, p] for p in sorted(view.positions.tolist())], view.kind
