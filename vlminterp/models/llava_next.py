@@ -11,10 +11,11 @@ pinpoint resolution, centred padding, tile offset) and ``source`` = its crop ind
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..tokens import Group, ImageGeometry, ImageSpan, TokenLayout, View
+from ..tokens import Group, ImageGeometry, ImageSpan, Size, TokenLayout, View
 from . import tiny
 from .base import Family, ModelInputs
 from .layouts import finish_row, split_grid, visual_runs
@@ -62,28 +63,59 @@ def anyres_image(positions: torch.Tensor, size_hw, image_size: int, patch: int, 
                          f"{side * side + gh * (gw + 1)} (base {side}x{side} + {gh}x{gw} tile "
                          f"cells with row newlines); one image per batch row is supported")
     grid, seps = split_grid(rest, gh, gw, newline=True)
+    fit = Fit((w, h), (nw, nh), (pad_x, pad_y), patch)
     if (gh, gw) != (kh, kw):
-        sy, sx = kh / gh, kw / gw
-        box = ((c0 * patch - pad_x) / sx, (r0 * patch - pad_y) / sy)
-        geo = ImageGeometry((w, h), (nw / sx, nh / sy),
-                            (*box, box[0] + gw * patch, box[1] + gh * patch), patch, (gh, gw))
-        return ImageSpan(views + [View(grid, (gh, gw), geo, "tiles", seps)])
-    table, none = grid.view(kh, kw), torch.zeros(0, dtype=torch.long)
-    for i in range(tiles_h):
-        for j in range(tiles_w):
+        return ImageSpan(views + [_shrunk_view(grid, seps, fit, (r0, c0), (kh, kw), (gh, gw))])
+    return ImageSpan(views + _tile_views(grid.view(kh, kw), seps, fit, (r0, c0), side,
+                                         (tiles_h, tiles_w)))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The tiles' pixels: the original (w, h) resized to ``resized`` (w, h) and pasted at
+    ``pad`` (x, y) into the best pinpoint resolution, cut in cells of ``patch`` pixels."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    pad: tuple[int, int]
+    patch: int
+
+    def geometry(self, top: Size, left: Size, grid: tuple[int, int],
+                 resized: tuple[Size, Size] | None = None) -> ImageGeometry:
+        """Cells of ``patch`` pixels from (left, top) of the resized image on."""
+        box = (left, top, left + grid[1] * self.patch, top + grid[0] * self.patch)
+        return ImageGeometry(self.original, resized or self.resized, box, self.patch, grid)
+
+
+def _tile_views(table, seps, fit: Fit, origin, side: int, tiles) -> list[View]:
+    """One view per tile with kept cells; ``table`` holds the kept cells' positions (kh, kw),
+    whose cell (0, 0) is the padded grid's cell ``origin``; each row's newline goes to the
+    tile that ends the row."""
+    (r0, c0), (kh, kw) = origin, table.shape
+    none, views = torch.zeros(0, dtype=torch.long), []
+    for i in range(tiles[0]):
+        for j in range(tiles[1]):
             ra, rz = max(i * side, r0), min((i + 1) * side, r0 + kh)
             ca, cz = max(j * side, c0), min((j + 1) * side, c0 + kw)
             if ra >= rz or ca >= cz:  # the tile is all padding: none of its cells is kept
                 continue
-            geo = ImageGeometry((w, h), (nw, nh), (ca * patch - pad_x, ra * patch - pad_y,
-                                                   cz * patch - pad_x, rz * patch - pad_y),
-                                patch, (rz - ra, cz - ca))
-            ends_row = cz == c0 + kw  # the row newlines follow this tile's cells
-            views.append(View(table[ra - r0:rz - r0, ca - c0:cz - c0].flatten(),
-                              (rz - ra, cz - ca), geo, "tile",
-                              seps[ra - r0:rz - r0] if ends_row else none,
-                              source=1 + i * tiles_w + j))
-    return ImageSpan(views)
+            grid = (rz - ra, cz - ca)
+            geo = fit.geometry(ra * fit.patch - fit.pad[1], ca * fit.patch - fit.pad[0], grid)
+            views.append(View(table[ra - r0:rz - r0, ca - c0:cz - c0].flatten(), grid, geo,
+                              "tile", seps[ra - r0:rz - r0] if cz == c0 + kw else none,
+                              source=1 + i * tiles[1] + j))
+    return views
+
+
+def _shrunk_view(grid, seps, fit: Fit, origin, kept, shrunk) -> View:
+    """OneVision's bilinearly shrunk grid as one view: token (r, c) nominally covers kept
+    cells [r, r+1) * kh/gh x [c, c+1) * kw/gw. Scaling the resized image by gh/kh, gw/kw
+    makes those footprints square cells of ``patch`` pixels."""
+    (r0, c0), (kh, kw), (gh, gw) = origin, kept, shrunk
+    sy, sx = kh / gh, kw / gw
+    top, left = (r0 * fit.patch - fit.pad[1]) / sy, (c0 * fit.patch - fit.pad[0]) / sx
+    geo = fit.geometry(top, left, shrunk, resized=(fit.resized[0] / sx, fit.resized[1] / sy))
+    return View(grid, shrunk, geo, "tiles", seps)
 
 
 def frame_groups(positions: torch.Tensor, num_frames: int, grid: tuple[int, int]) -> list[Group]:
