@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import tiny
 from .base import Family
+from .qwen2_vl import VIDEO_KWARGS
 from .qwen3_vl import layout, prepare
 
 # Three linear layers per softmax-attention layer in the real checkpoints; the tiny model
@@ -60,7 +61,7 @@ def build_tiny(seed: int = 0, moe: bool = False):
 
 _COMMON = dict(layout=layout, prepare=prepare, modalities=("image", "video"),
                image_token="<|image_pad|>", video_token="<|video_pad|>",
-               video_kwargs={"cap_pixels_per_frame": True, "do_sample_frames": False})
+               video_kwargs=VIDEO_KWARGS)
 FAMILIES = [
     Family("qwen3_5", ("qwen3_5",), tiny={"tiny-qwen3.5": build_tiny}, **_COMMON),
     Family("qwen3_5_moe", ("qwen3_5_moe",),

@@ -69,3 +69,25 @@ def test_odd_frame_count_pads_the_last_group_and_frame_spans_keep_their_meaning(
         changed = ((h[0] - h[1]).abs().amax(-1) > 1e-6).nonzero().flatten()
         assert changed.tolist() == vlm.layout(pair).positions(
             f"visual_frames:{frame}:{frame + 1}").tolist()
+
+
+def test_a_box_painted_through_the_real_processor_lands_in_its_box_positions():
+    """GLM resizes to multiples of 28 px under a pixel budget counted over 2 frames (168x112
+    -> 84x56 here); a white box on black, aligned to cells after the resize, changes exactly
+    the patches of the tokens `box_positions` names (token j owns patch rows 4j..4j+3)."""
+    from PIL import Image
+
+    vlm = tiny("tiny-glm4.1v")
+    black = Image.new("RGB", (168, 112))
+    boxed = black.copy()
+    box = (56, 56, 168, 112)
+    boxed.paste((255, 255, 255), box)
+    inputs = vlm.prepare(text="What is this?", images=[black, boxed])
+    view = vlm.layout(inputs)[1].images[0].views[0]
+    assert view.geometry.resized == (84, 56) and view.grid == (2, 3)
+    rows = inputs.row_sizes()["pixel_values"]
+    a, b = inputs["pixel_values"].split(rows)
+    change = (a - b).abs().mean(-1).view(-1, 4).mean(-1)  # per merged token
+    painted = (change > 0.5 * change.max()).nonzero().flatten()
+    want = view.box_positions(box) - int(view.positions.min())
+    assert painted.tolist() == want.tolist() == [4, 5]
