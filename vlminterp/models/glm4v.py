@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import Group, TokenLayout, VideoSpan
+from ..tokens import TokenLayout, VideoSpan
 from . import tiny
 from .base import Family, ModelInputs
 from .layouts import finish_row, positions_of, prepare as generic_prepare, visual_runs
-from .qwen2_vl import _check, image_view
+from .qwen2_vl import _check, image_view, video_groups
 
 MARKERS = ["<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
 SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|image|>",
@@ -71,23 +71,14 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
                 continue
             grid = next(video_grids)
             group_runs = [(start, stop)] + [next(runs)[:2] for _ in range(int(grid[0]) - 1)]
-            _check(b, torch.cat([torch.arange(a, z) for a, z in group_runs]), grid, merge)
-            index = next(indices)
-            groups = [Group(torch.arange(a, z), _frames(index, g, tpatch),
-                            (int(grid[1]) // merge, int(grid[2]) // merge))
-                      for g, (a, z) in enumerate(group_runs)]
-            videos.append(VideoSpan(groups, next(frames, None) or max(index) + 1,
-                                    markers=_timestamps(ids, group_runs, marker_ids)))
+            pos = torch.cat([torch.arange(a, z) for a, z in group_runs])
+            _check(b, pos, grid, merge)
+            n = next(frames, None) or int(grid[0]) * tpatch
+            groups = video_groups(pos, grid, n, merge, tpatch, next(indices, None))
+            videos.append(VideoSpan(groups, n, markers=_timestamps(ids, group_runs, marker_ids)))
         marks = positions_of(ids, marker_ids)
         rows.append(finish_row(inputs, b, images, videos, marks))
     return TokenLayout(rows)
-
-
-def _frames(index, g: int, tpatch: int) -> tuple[int, int]:
-    """Input frames of group g: the processor's frame indices it holds (the padding repeat of
-    an odd last frame excluded)."""
-    held = index[g * tpatch:(g + 1) * tpatch] or index[-1:]
-    return min(held), max(held) + 1
 
 
 def _timestamps(ids, group_runs, marker_ids) -> torch.Tensor:
@@ -141,7 +132,7 @@ def build_tiny(seed: int = 0, variant: str = "4.1"):
             size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112 * 8},
             do_sample_frames=False, **kw),
         tokenizer=tok, chat_template=CHAT_TEMPLATE)
-    return tiny.seeded_model(model_cls and getattr(tf, model_cls), config, seed), processor
+    return tiny.seeded_model(getattr(tf, model_cls), config, seed), processor
 
 
 _COMMON = dict(layout=layout, prepare=prepare, modalities=("image", "video"),

@@ -71,16 +71,12 @@ def _views(unit, sizes, merge: int, patch: int, original) -> list[View]:
     for k, ((a, z), (h, w)) in enumerate(zip(spans, sizes)):
         pos, grid = torch.arange(a, z), (h // merge, w // merge)
         tw, th = w * patch, h * patch
-        if k == 0:
-            geo = ImageGeometry(tuple(original or (tw, th)), (tw, th), (0, 0, tw, th),
-                                patch * merge, grid) if original else None
-            views.append(View(pos, grid, geo, "base", source=0))
-            continue
         r, c = divmod(k - 1, cols)
-        geo = ImageGeometry(tuple(original), (tw * cols, th * rows),
-                            (c * tw, r * th, (c + 1) * tw, (r + 1) * th), patch * merge, grid) \
+        resized, box = ((tw, th), (0, 0, tw, th)) if k == 0 else \
+            ((tw * cols, th * rows), (c * tw, r * th, (c + 1) * tw, (r + 1) * th))
+        geo = ImageGeometry(tuple(original), resized, box, patch * merge, grid) \
             if original else None
-        views.append(View(pos, grid, geo, "tile", source=k))
+        views.append(View(pos, grid, geo, "base" if k == 0 else "tile", source=k))
     return views
 
 
@@ -108,6 +104,10 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
                 images += [ImageSpan(v, _between(ids, v, *tags)) for v in views]
             elif views:
                 index = next(indices, None) or list(range(len(views)))
+                if len(index) != len(views):
+                    raise ValueError(f"row {b}: {len(views)} frame units for {len(index)} "
+                                     f"frames; stacked sub-second frames (stack_frames > 1) "
+                                     f"are not supported")
                 groups = [Group(torch.cat([x.positions for x in v]), (i, i + 1), v[0].grid)
                           for v, i in zip(views, index)]
                 span = [x for v in views for x in v]
