@@ -10,6 +10,8 @@ one group per input frame). Every crop of the batch is packed along the *last* a
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..tokens import Group, ImageGeometry, ImageSpan, TokenLayout, VideoSpan, View
@@ -25,7 +27,8 @@ _PIXELS = {"image": ("pixel_values", "target_sizes"),
 
 
 def prepare(vlm, *, video=None, **kw) -> ModelInputs:
-    """The processor's call, then how many packed crops (and pixel columns) each row owns."""
+    """The processor's call (frames as given: their indices come back in ``meta``); the
+    packed pixel tensors split by row along their last axis."""
     if video is not None:
         frames = [len(v) for v in (video if isinstance(video, (list, tuple)) else [video])]
         kw["video_metadata"] = [{"total_num_frames": n, "fps": 1.0, "duration": float(n),
@@ -35,18 +38,29 @@ def prepare(vlm, *, video=None, **kw) -> ModelInputs:
     metadata = out.pop("video_metadata", None)
     if metadata is not None:
         out.meta["frames_indices"] = [list(m.frames_indices) for m in metadata]
-    tok = vlm.processor.tokenizer
-    for kind, (pixels, sizes) in _PIXELS.items():
-        if pixels in out:
-            token = tok.convert_tokens_to_ids(getattr(tok, f"{kind}_token"))
-            crops = [len(visual_runs(ids, (token,))) for ids in out["input_ids"].cpu()]
-            per_crop = (out[sizes].prod(-1) * out[pixels].shape[2]).tolist()
-            bounds = torch.tensor([0, *crops]).cumsum(0).tolist()
-            out.meta.setdefault("row_sizes", {})[sizes] = crops
-            out.meta["row_sizes"][pixels] = [sum(per_crop[a:z]) for a, z in
-                                             zip(bounds, bounds[1:])]
-            out.meta.setdefault("row_axis", {})[pixels] = -1
+    out.meta["row_axis"] = {pixels: -1 for pixels, _ in _PIXELS.values()}
     return out
+
+
+def _crops(inputs, vlm, kind: str) -> list[int]:
+    """Crops (source views, tiles, frames) per row: one run of placeholders each."""
+    tok = vlm.processor.tokenizer
+    token = tok.convert_tokens_to_ids(getattr(tok, f"{kind}_token"))
+    return [len(visual_runs(ids, (token,))) for ids in inputs["input_ids"].cpu()]
+
+
+def _columns(inputs, vlm, kind: str) -> list[int]:
+    """Packed pixel columns per row: patch rows x cols x patch width of each of its crops."""
+    pixels, sizes = _PIXELS[kind]
+    per_crop = (inputs[sizes].prod(-1) * inputs[pixels].shape[2]).tolist()
+    bounds = torch.tensor([0, *_crops(inputs, vlm, kind)]).cumsum(0).tolist()
+    return [sum(per_crop[a:z]) for a, z in zip(bounds, bounds[1:])]
+
+
+FLAT_INPUTS = {"pixel_values": partial(_columns, kind="image"),
+               "target_sizes": partial(_crops, kind="image"),
+               "pixel_values_videos": partial(_columns, kind="video"),
+               "target_sizes_videos": partial(_crops, kind="video")}
 
 
 def _units(ids, runs, start_id):
@@ -185,4 +199,5 @@ FAMILY = Family("minicpmv4_6", ("minicpmv4_6",), layout, prepare=prepare,
                 modalities=("image", "video"), tiny={"tiny-minicpm-v4.6": build_tiny},
                 image_token="<|image_pad|>", video_token="<|video_pad|>",
                 video_kwargs={"do_sample_frames": False, "stack_frames": 1},
+                flat_inputs=FLAT_INPUTS,
                 extra={"view_pixels": view_pixels})
