@@ -6,7 +6,9 @@ An image is ``<image_id>k</image_id><image>pad…</image>`` (the resized source 
 for large images, by ``<slice>pad…</slice>`` tiles of a resized copy, row-major, a newline
 between tile rows. A video frame is one such unit with ``<|video_pad|>`` (no temporal merge:
 one group per input frame). Every crop of the batch is packed along the *last* axis of
-``pixel_values`` (``[1, C, patch, L]``) and listed in ``target_sizes`` (patch rows, cols)."""
+``pixel_values`` (``[1, C, patch, L]``) and listed in ``target_sizes`` (patch rows, cols).
+``vlm.projector`` is the merger's MLP into the LM's space, called once per crop; every visual
+token as the LM reads it is at ``vlm.residual("embed")``."""
 
 from __future__ import annotations
 
@@ -200,4 +202,7 @@ FAMILY = Family("minicpmv4_6", ("minicpmv4_6",), layout, prepare=prepare,
                 image_token="<|image_pad|>", video_token="<|video_pad|>",
                 video_kwargs={"do_sample_frames": False, "stack_frames": 1},
                 flat_inputs=FLAT_INPUTS,
+                # the merger returns one tensor per crop; its MLP into the LM's space returns a
+                # plain tensor (called once per crop: ``.output`` is the first crop's)
+                rename={"model.merger": "merger", "model.merger.mlp.0": "projector"},
                 extra={"view_pixels": view_pixels})
