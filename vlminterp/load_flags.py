@@ -52,7 +52,7 @@ def parse_device_map(spec: str | None):
         return spec
     flag = f"--device_map {spec!r}"
     text = spec
-    if not spec.lstrip().startswith("{"):
+    if not spec.lstrip().startswith(("{", "[")):  # else a file
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except OSError as e:

@@ -69,11 +69,11 @@ def find_manifests(patterns) -> list[Path]:
     count = counts[0]
     manifests = [Path(parent) / f"{stem}.shard-{i}-of-{count}.manifest.json" for i in range(count)]
     for i, path in enumerate(manifests):
-        if (i, count) not in shards:
-            raise RecipeError(f"shard {i}/{count} of {stem} is missing: not among the files given")
         if not path.is_file():
             raise RecipeError(f"shard {i}/{count} of {stem} is missing: no {path} (it has not "
                               f"started, or ran elsewhere)")
+        if (i, count) not in shards:
+            raise RecipeError(f"shard {i}/{count} of {stem} is missing: not among the files given")
     return manifests
 
 
