@@ -218,6 +218,7 @@ def test_merge_finds_every_shard_from_a_glob_or_the_plain_output(tmp_path):
     write_merged_log(tmp_path / "t.jsonl", header, entries, KEYS9)
     merged = ResultLog(tmp_path / "t.jsonl", config={"layers": "all"})
     assert list(merged.latest()) == KEYS9  # sample order
+    write_merged_log(tmp_path / "t.jsonl", header, entries, KEYS9)  # merging again is fine
     assert merged.records() == [{"key": k, "v": len(k)} for k in KEYS9]
 
 
