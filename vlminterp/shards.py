@@ -212,7 +212,7 @@ def start(parser, args, argv, outputs=("output",)) -> ShardRun:
     shard = parse_shard(args.shard)
     if shard is not None:
         if args.shard == "auto" and getattr(args, "device", "") is None \
-                and getattr(args, "device_map", None) is None:
+                and getattr(args, "device_map", None) is None and not getattr(args, "remote", False):
             args.device = _local_gpu()
         for flag in outputs:
             if getattr(args, flag, None) is not None:

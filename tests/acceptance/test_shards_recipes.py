@@ -11,6 +11,7 @@ from conftest import tiny
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
 import recipes.neo2024_logit_lens as lens_recipe
+import recipes.neo2024_object_ablation as ablation_recipe
 import recipes.video_inference as inference_recipe
 from vlminterp import merge
 from vlminterp.data.synthetic import write_dataset
@@ -86,6 +87,22 @@ def test_lens_shards_merge_with_figures_and_html(tmp_path):
         lens_recipe.main(argv + ["--shard", f"{i}/2"])
     merge.main([str(out)])  # the plain output: every shard of it
     for name in outputs:  # the JSON's settings included (same --output)
+        assert (out.parent / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_ablation_shards_share_the_mean_over_every_image(tmp_path):
+    """The ablation vector is the mean over the whole run's images: each shard computes it
+    over all of them, so its records equal the single run's."""
+    out = tmp_path / "run" / "a.json"
+    argv = ["--synthetic", "4", "--keep_all", "--tasks", "vqa", "--sizes", "2", "--ig_steps",
+            "2", "--output", str(out)]
+    ablation_recipe.main(argv)
+    outputs = ["a.json", "a.jsonl", "a_vqa.png"]
+    _set_aside(out.parent, outputs, tmp_path / "single")
+    for i in range(2):
+        ablation_recipe.main(argv + ["--shard", f"{i}/2"])
+    merge.main([str(out)])
+    for name in outputs:
         assert (out.parent / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
 
 
