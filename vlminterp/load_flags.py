@@ -32,7 +32,8 @@ def add_load_args(p) -> None:
     p.add_argument("--device_map", default=None, help="spread a checkpoint over devices with "
                    "accelerate instead of --device: auto (every GPU, then CPU RAM, then "
                    "--offload_folder), balanced, balanced_low_0, sequential, a JSON object "
-                   "{\"module\": device, ...} (a GPU index, cpu or disk) or a JSON file holding one")
+                   "{\"module\": device, ...} (a GPU index, cpu or disk) or a JSON file "
+                   "holding one")
     p.add_argument("--offload_folder", type=Path, default=None, help="folder for the weights "
                    "--device_map puts on disk")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="load the "

@@ -28,7 +28,8 @@ from .shards import SHARD_NAME, MergeTarget, merging_into, read_manifest, shard_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlminterp.merge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vlminterp.merge",
+                                description=__doc__.splitlines()[0])
     p.add_argument("shards", nargs="+", metavar="SHARDS", help="the shards' outputs or globs "
                    "matching them (e.g. 'runs/t.shard-*-of-4.json'), or the unsharded OUTPUT "
                    "(runs/t.json) for all its shards")
@@ -50,7 +51,8 @@ def find_manifests(patterns) -> list[Path]:
                 found.setdefault((str(path.parent), match["stem"]), set()).add(
                     (int(match["index"]), int(match["count"])))
                 continue
-            siblings = list(path.parent.glob(f"{glob.escape(path.stem)}.shard-*-of-*.manifest.json"))
+            pattern = f"{glob.escape(path.stem)}.shard-*-of-*.manifest.json"
+            siblings = list(path.parent.glob(pattern))
             if not siblings:
                 raise RecipeError(f"{path}: not a shard output, and no shards of it "
                                   f"({path.stem}.shard-I-of-N.manifest.json) beside it")
@@ -59,13 +61,14 @@ def find_manifests(patterns) -> list[Path]:
                 found.setdefault((str(path.parent), m["stem"]), set()).add(
                     (int(m["index"]), int(m["count"])))
     if len(found) > 1:
-        raise RecipeError(f"the shards are of several runs ({', '.join(sorted(s for _, s in found))});"
-                          f" merge one run at a time")
+        runs = ", ".join(sorted(s for _, s in found))
+        raise RecipeError(f"the shards are of several runs ({runs}); merge one run at a time")
     (parent, stem), shards = next(iter(found.items()))
     counts = sorted({n for _, n in shards})
     if len(counts) > 1:
-        raise RecipeError(f"overlapping shards of {stem}: split into {' and '.join(map(str, counts))} "
-                          f"parts; merge the shards of one split")
+        splits = " and ".join(map(str, counts))
+        raise RecipeError(f"overlapping shards of {stem}: split into {splits} parts; merge the "
+                          f"shards of one split")
     count = counts[0]
     manifests = [Path(parent) / f"{stem}.shard-{i}-of-{count}.manifest.json" for i in range(count)]
     for i, path in enumerate(manifests):

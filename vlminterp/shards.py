@@ -211,8 +211,8 @@ def start(parser, args, argv, outputs=("output",)) -> ShardRun:
         return ShardRun(None, args, argv, parser.prog, target)
     shard = parse_shard(args.shard)
     if shard is not None:
-        if args.shard == "auto" and getattr(args, "device", "") is None \
-                and getattr(args, "device_map", None) is None and not getattr(args, "remote", False):
+        placed = getattr(args, "device_map", None) or getattr(args, "remote", False)
+        if args.shard == "auto" and getattr(args, "device", "") is None and not placed:
             args.device = _local_gpu()
         for flag in outputs:
             if getattr(args, flag, None) is not None:
