@@ -63,8 +63,11 @@ def corrupt_file(model_id: str, directory: str | None) -> str | None:
 
 def unreachable(model_id: str, error: BaseException) -> str | None:
     """The one line for a hub id that is not cached when the hub cannot be reached or has no
-    such model, judged from the loader's ``error``; None if that is not the problem."""
-    if snapshot_dir(model_id) is not None or not any(s in str(error) for s in HUB_UNREACHABLE):
+    such model, judged from the loader's ``error``; None if that is not the problem (or
+    ``model_id`` is not written as a hub id, ``org/name``)."""
+    hub_like = model_id.count("/") == 1 and not path_like(model_id)
+    if not hub_like or snapshot_dir(model_id) is not None \
+            or not any(s in str(error) for s in HUB_UNREACHABLE):
         return None
     return (f"model_id {model_id!r}: not in the local Hugging Face cache and the hub cannot be "
             f"reached or has no such model; download it first (hf download {model_id}) or give "
