@@ -43,7 +43,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="cpu: process CPU time, immune to time the scheduler gives other jobs "
                         "(default on cpu); wall: perf_counter with cuda sync (default on cuda)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype, in the scripts that take it (the JSON's meta.dtype says "
+                        "what ran) (default float32)")
     return p
+
+
+def dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype`` as a torch dtype. A script that builds its models with it calls this, so
+    its JSON records the dtype it ran (others record float32 and a note)."""
+    args.dtype_used = True
+    return getattr(torch, args.dtype)
 
 
 def setup(args: argparse.Namespace, memory: bool = False) -> tuple[float, float, float]:
@@ -273,6 +283,10 @@ def meta(args: argparse.Namespace, load_before: tuple[float, ...], **extra) -> d
     }
     if str(args.device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
+    requested = getattr(args, "dtype", "float32")
+    info["dtype"] = requested if getattr(args, "dtype_used", False) else "float32"
+    if info["dtype"] != requested:
+        info["dtype_note"] = f"--dtype {requested} was given, but this script runs float32"
     info.update(extra)
     return info
 
