@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
 import recipes.neo2024_logit_lens as lens_recipe

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import media_pair, random_video, tiny
+from support import media_pair, random_video, tiny
 
 from vlminterp.interventions import site_tensor
 

@@ -8,7 +8,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 from PIL import Image
 
 from vlminterp.models import FAMILIES

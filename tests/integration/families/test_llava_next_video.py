@@ -2,7 +2,7 @@
 (the anyres image geometry is tested in test_llava_next.py)."""
 
 import torch
-from conftest import media_pair, tiny
+from support import media_pair, tiny
 
 
 def test_group_cells_are_the_pooled_cells_of_their_frame_row_major():

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import media_pair, tiny
+from support import media_pair, tiny
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_llava_next import packed

@@ -3,7 +3,7 @@ the batch packed along the last axis of ``pixel_values``, one token per 4x4 patc
 
 import pytest
 import torch
-from conftest import tiny
+from support import random_image, tiny
 from PIL import Image
 
 from vlminterp.interventions import site_tensor
@@ -87,8 +87,6 @@ def test_a_box_painted_through_the_real_processor_lands_in_box_positions_in_ever
 def test_select_rows_splits_the_packed_pixels_by_row(vlm):
     """Rows own different numbers of crops (4 and 1): picking rows from the batch equals
     running the processor on those rows."""
-    from conftest import random_image
-
     images = [_image(0), random_image(1)]
     inputs = vlm.prepare(text="What is this?", images=images)
     picked = inputs.select_rows([1, 0, 1])

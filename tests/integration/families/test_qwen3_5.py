@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import media_pair, random_image, tiny
+from support import media_pair, random_image, tiny
 
 from vlminterp.interventions import expand_rows, knockout_attention
 

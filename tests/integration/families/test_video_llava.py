@@ -3,7 +3,7 @@ centre crop of its image processor."""
 
 import numpy as np
 import torch
-from conftest import media_pair, tiny
+from support import media_pair, tiny
 from PIL import Image
 
 from vlminterp.interventions import site_tensor
