@@ -14,16 +14,17 @@ Every decoder layer whose ``self_attn`` follows the HF pattern (``q_proj``, ``k_
   modules attached to each attention module, so nnsight reads and *edits* them like any module
   output and an edit reaches the output (the attention is computed from the edited tensor).
 
-Head indices (``heads=`` of `vlminterp.interventions.cache` / ``patch`` / ``ablate``): z, q and
+Sites must be reached in execution order (nnsight): q_rot, k_rot, scores, pattern, then
+z. Head indices (``heads=`` of `vlminterp.interventions.cache` / ``patch`` / ``ablate``): z, q and
 the pattern/scores have ``n_heads`` heads; k and v have ``n_kv_heads``. Under grouped-query
 attention kv head ``j`` serves query heads ``j * groups ... (j + 1) * groups - 1`` (HF's
 ``repeat_kv`` order), so patching one k/v head changes the pattern/output of that whole group.
 
     enable_attention_sites(vlm)
     with vlm.trace(inputs):
-        pattern = vlm.layers[2].self_attn.pattern.output.save()      # [batch, heads, q, k]
         vlm.layers[2].self_attn.scores.output[:, 1, -1, 5] += 4.0   # head 1, last query, key 5
-        site, at = head_site(vlm, 3, "z")                                 # o_proj, "input"
+        pattern = vlm.layers[2].self_attn.pattern.output.save()      # [batch, heads, q, k]
+        site, at = head_site(vlm, 3, "z")                            # o_proj, "input"
         patch(site, positions, src_row=0, dst_rows=[1], at=at, heads=[2])
 """
 
