@@ -164,10 +164,10 @@ def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, 
     skips = {layer: prep.dst_out[layer][p0:].unsqueeze(0).expand(k, -1, -1)
              for layer in range(first)}
     inline: dict = {}
+    if any(c.site.kind == "resid" and c.site.layer == first - 1 for c in chunk):
+        skips[first - 1] = skips[first - 1].clone()  # never write into the recorded run
     for j, c in enumerate(chunk):
         if c.site.kind == "resid" and c.site.layer == first - 1:  # written into the replacement
-            if skips[first - 1].stride(0) == 0:
-                skips[first - 1] = skips[first - 1].clone()
             write(skips[first - 1], [j], c.positions - p0, prep.src[c.site][c.positions], None)
         else:
             inline.setdefault(c.site, []).append((j, c))
