@@ -308,11 +308,13 @@ def write_json(obj: dict, path: str) -> None:
 
 # -- models ------------------------------------------------------------------------------------
 def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vision_depth: int = 4,
-                       seed: int = 0, plain_copy: bool = True):
+                       seed: int = 0, plain_copy: bool = True, hidden: int = 1536,
+                       intermediate: int = 8960, heads: int = 12, kv_heads: int = 2):
     """Qwen2-VL with the 2B model's widths (LM 1536/8960, 12 heads, 2 kv heads; vision 1280 wide,
     16 heads) but ``layers`` decoder layers and ``vision_depth`` vision blocks, random weights,
     SDPA attention as the real checkpoint loads. Uses the tiny model's offline tokenizer
     (vocab_size = len(tokenizer)) with a processor that lets frames be ``max_pixels`` large.
+    ``hidden``/``intermediate``/``heads``/``kv_heads`` shrink the LM (deep but narrow sweeps).
     Returns ``(vlm, plain)``: the wrapped `VLM` and an unwrapped copy with the same weights (the
     baseline: nnsight's wrapper adds a little even to untraced calls), None without plain_copy."""
     import copy
@@ -327,14 +329,14 @@ def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vi
     ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIALS}
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tok), hidden_size=1536, intermediate_size=8960,
-            num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=2,
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [16, 24, 24]},
+                             "mrope_section": [m * hidden // heads // 128 for m in (16, 24, 24)]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, num_heads=16,
+        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=hidden, num_heads=16,
                            mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -350,7 +352,7 @@ def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vi
         image_processor=Qwen2VLImageProcessor(**kw),
         video_processor=Qwen2VLVideoProcessor(do_sample_frames=False, **kw),
         tokenizer=tok, chat_template=tiny.QWEN_CHAT_TEMPLATE)
-    return wrap(model, processor, "qwen2-vl-2b-4layers", "2"), plain
+    return wrap(model, processor, f"qwen2-vl-{hidden}w-{layers}layers", "2"), plain
 
 
 def tiny_plain(model_id: str, device: str = "cpu"):

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..attention import attention_sites, head_view, heads as heads_of
 from ..interventions import site_tensor
 from . import reuse
+from .exact import rows_for_memory
 from .grid import Condition, Site
 
 
@@ -99,13 +100,13 @@ def _gradients(vlm, rec: dict, probes, rows: list, at: int, metric, per_forward:
         embeds = (emb_dst[p0:] + alpha[:, None, None] * (emb_src[p0:] - emb_dst[p0:]))
         embeds = embeds.detach().requires_grad_(True)
         kw = {**reuse.forward_kwargs(vlm, at, p0, cache=p0 > 0),
-              **reuse._lm_kwargs(prep, dst_row, p0, k)}
+              **reuse.lm_kwargs(prep, dst_row, p0, k)}
         if p0 > 0:
             kw["cache"] = prep.cache_for(p0, k, dst_row)
         drops = torch.tensor([-1 if d is None else d for _, d in chunk])
         with torch.enable_grad(), vlm.trace(inputs_embeds=embeds, **kw):
             args, lm_kw = vlm.lm.inputs
-            vlm.lm.inputs = (args, {**lm_kw, **reuse._lm_kwargs(prep, dst_row, p0, k)})
+            vlm.lm.inputs = (args, {**lm_kw, **reuse.lm_kwargs(prep, dst_row, p0, k)})
             tensors = []
             for key, envoy, side in probes:
                 if side is None:  # GradDrop: this module's output, its gradient stopped
@@ -212,8 +213,8 @@ def attribution(vlm, inputs, grid, metric, *, direction: str = "denoise", clean:
         qk_layers = []
     rows = _grad_rows(steps, vlm.n_layers, grad_drop)
     seq = inputs["input_ids"].shape[1]
-    per_forward = rows_per_forward or max(
-        1, reuse_rows(vlm, seq, max_memory) // (2 * vlm.n_layers))
+    per_forward = rows_per_forward or max(  # backward keeps every layer's activations
+        1, rows_for_memory(vlm, seq, max_memory) // (2 * vlm.n_layers))
     drop_layers = range(vlm.n_layers) if grad_drop else ()
     with attention_sites(vlm) if qk_layers else contextlib.nullcontext():
         rec = _record(vlm, inputs, _probes(vlm, sites, qk_layers), src, dst, at, metric)
@@ -236,8 +237,3 @@ def attribution(vlm, inputs, grid, metric, *, direction: str = "denoise", clean:
     return _result(torch.stack(values).detach(), conds, coords, rec["base"], src, dst, method,
                    meta)
 
-
-def reuse_rows(vlm, seq: int, max_memory: int | None) -> int:
-    from .exact import rows_for_memory
-
-    return rows_for_memory(vlm, seq, max_memory)

@@ -78,16 +78,21 @@ def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: in
     return scores[:n], scores[n:], dict(extra)
 
 
-def _chunks(conditions: list[Condition], rows: int, by_layer: bool) -> list[list[int]]:
-    """Indices of the conditions per forward: in order, or grouped by first changed layer and
-    sorted by first patched position (so each chunk skips as much as it can)."""
+def _chunks(conditions: list[Condition], rows: int, by_layer: bool,
+            by_position: bool = False) -> list[list[int]]:
+    """Indices of the conditions per forward: in order, or grouped by first changed layer (and,
+    with ``by_position``, first patched position) and sorted by first patched position, so
+    each chunk skips as much as it can. On a CPU the work is proportional to the positions
+    computed, so splitting by position pays; on a GPU fewer, bigger batches do."""
     idx = list(range(len(conditions)))
     if not by_layer:
         return [idx[k:k + rows] for k in range(0, len(idx), rows)]
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i in sorted(idx, key=lambda i: (conditions[i].site.first_layer,
                                         conditions[i].first_position)):
-        groups.setdefault(conditions[i].site.first_layer, []).append(i)
+        c = conditions[i]
+        groups.setdefault((c.site.first_layer, c.first_position if by_position else 0),
+                          []).append(i)
     return [g[k:k + rows] for g in groups.values() for k in range(0, len(g), rows)]
 
 
@@ -121,9 +126,10 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
         return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
                          visit, visit_sites, info)
     sites = sorted({c.site for c in conditions}, key=lambda s: s.order)
+    probes = [] if checked else _probes(conditions)
     prep = reuse.prepare(vlm, inputs, sites, metric, src=src, dst=dst, at=at,
                          skip_layers=max(c.site.first_layer for c in conditions),
-                         cache=True, visit=visit, visit_sites=visit_sites)
+                         cache=True, visit=visit, visit_sites=visit_sites, probes=probes)
     info["forwards"] += 1
     info["extra"] = prep.extra
     if prep.other_inputs:
@@ -131,9 +137,11 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
                       f"reused rows would miss; sweeping with one full forward per chunk")
         return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
                          visit, visit_sites, info)
+    if prep.cache is None and strategy == "layers+prefix":  # the model returned no cache
+        strategy = info["strategy"] = "layers"
     if not checked:
-        strategy = info["strategy"] = _check(vlm, inputs, prep, conditions, metric, src, dst,
-                                             at, strategy, info)
+        strategy = info["strategy"] = _check(vlm, prep, probes, metric, dst, at, strategy,
+                                             info)
         if strategy == "rows":
             return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
                              visit, visit_sites, info)
@@ -148,7 +156,8 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
     info["known_without_a_row"] = len(conditions) - len(todo)
     bar = _bar(progress, len(conditions), info)
     bar.update(len(conditions) - len(todo))
-    for part in _chunks([conditions[i] for i in todo], rows, by_layer=True):
+    split = vlm.device.type == "cpu"
+    for part in _chunks([conditions[i] for i in todo], rows, by_layer=True, by_position=split):
         idx = [todo[i] for i in part]
         out[idx] = reuse.run_chunk(vlm, prep, [conditions[i] for i in idx], metric, dst=dst,
                                    at=at, prefix=strategy == "layers+prefix")
@@ -158,21 +167,31 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
     return prep.base, out, info
 
 
-def _check(vlm, inputs, prep, conditions, metric, src, dst, at, strategy, info) -> str:
-    """Probe conditions (the one that skips the most, and the earliest skipping one) by the
-    reuse path and by the plain path: the reuse strategy that reproduces them, or "rows"
-    (with a warning naming what did not hold)."""
+def _probes(conditions: list[Condition]) -> list[Condition]:
+    """The conditions `_check` compares: the one that skips the most (latest first layer, then
+    latest first position) and the earliest one that skips any layer."""
     late = max(conditions, key=lambda c: (c.site.first_layer, c.first_position))
     skipping = [c for c in conditions if c.site.first_layer > 0] or [late]
     early = min(skipping, key=lambda c: (c.site.first_layer, -c.first_position))
-    probes = [late] if early is late else [late, early]
-    _, plain, _ = rows_chunk(vlm, inputs, probes, metric, src=src, dst=dst, at=at)
+    return [late] if early is late else [late, early]
+
+
+def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:
+    """The probes by the reuse path against their plain-path rows (patched in the prepare
+    forward): the reuse strategy that reproduces them, or "rows" (with a warning naming what
+    did not hold)."""
+    plain = prep.probe_values
     scale = float(prep.base.abs().max())
     dtype = next(vlm.torch_model.parameters()).dtype
-    info["forwards"] += 1
     for candidate in ("layers+prefix", "layers")[0 if strategy == "layers+prefix" else 1:]:
-        got = torch.cat([reuse.run_chunk(vlm, prep, [c], metric, dst=dst, at=at,
-                                         prefix=candidate == "layers+prefix") for c in probes])
+        try:
+            got = torch.cat([reuse.run_chunk(vlm, prep, [c], metric, dst=dst, at=at,
+                                             prefix=candidate == "layers+prefix")
+                             for c in probes])
+        except Exception as e:  # a family the reuse path cannot drive: fall back, say why
+            warnings.warn(f"{vlm!r}: sweeping with {candidate!r} failed ({type(e).__name__}: "
+                          f"{e})")
+            continue
         info["forwards"] += len(probes)
         if _agrees(got, plain, scale, dtype):
             if candidate != strategy:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..attention import head_view
-from ..interventions import site_tensor
+from ..interventions import expand_rows, patch, site_tensor
 from .grid import Condition, Site
 
 
@@ -70,6 +70,7 @@ class Prepared:
     attention_mask: Tensor | None = None
     cache: object = None
     extra: dict = field(default_factory=dict)
+    probe_values: Tensor | None = None  # metric of the probe conditions' plain-path rows
     other_inputs: list = field(default_factory=list)  # LM inputs reuse cannot replay
     _prefix: dict = field(default_factory=dict)
 
@@ -86,8 +87,14 @@ class Prepared:
 
 
 def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: int,
-            skip_layers: int, cache: bool, visit=None, visit_sites=()) -> Prepared:
-    """One traced forward over the input rows recording what the patched rows reuse."""
+            skip_layers: int, cache: bool, visit=None, visit_sites=(), probes=()) -> Prepared:
+    """One traced forward over the input rows recording what the patched rows reuse; the
+    ``probes`` conditions ride along as extra rows patched the plain way (`expand_rows` +
+    `patch`), for checking the reuse path against."""
+    n = inputs.batch_size
+    by_site: dict = {}
+    for j, c in enumerate(probes):
+        by_site.setdefault(c.site, []).append((n + j, c))
     kw = forward_kwargs(vlm, at, cache=cache)
     wanted = set(sites)
     visits = set(visit_sites)
@@ -96,6 +103,8 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
     with torch.no_grad(), vlm.trace(inputs, **kw):
         extra = nnsight.save({})
         rec = nnsight.save({})
+        if probes:
+            expand_rows(vlm, list(range(n)) + [dst] * len(probes))
         lm_kw = vlm.lm.inputs[1]
         rec["embeds"] = lm_kw["inputs_embeds"][dst].clone()
         rec["position_ids"], rec["attention_mask"] = (lm_kw.get("position_ids"),
@@ -111,9 +120,13 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
                 rec[("dst", site.layer)] = h[dst].clone()
             if site in visits:
                 visit(site, h, extra)
+            for row, c in by_site.get(site, []):
+                patch(envoy, c.positions, src_row=src, dst_rows=[row], at=side,
+                      heads=None if c.heads is None else list(c.heads))
         logits = vlm.lm_head.output[:, logits_index(kw, at)].save()
         out = vlm.output.save() if cache else None
-    prep = Prepared(metric(logits.float()).detach().cpu(), extra=dict(extra))
+    scores = metric(logits.float()).detach().cpu()
+    prep = Prepared(scores[:n], extra=dict(extra), probe_values=scores[n:])
     prep.src = {s: rec[s] for s in sites}
     prep.dst = {s: rec[("dst", s)] for s in sites}
     prep.other_inputs = list(rec["other"])
@@ -122,6 +135,8 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
     prep.attention_mask = rec["attention_mask"]
     if cache:
         prep.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if prep.cache is not None and probes:
+            prep.cache.batch_select_indices(torch.arange(n))  # the input rows only
     return prep
 
 
@@ -141,7 +156,7 @@ def known_result(prep: Prepared, c: Condition, src: int, dst: int) -> int | None
     return None
 
 
-def _lm_kwargs(prep: Prepared, dst: int, p0: int, rows: int) -> dict:
+def lm_kwargs(prep: Prepared, dst: int, p0: int, rows: int) -> dict:
     out = {}
     pid = prep.position_ids
     if pid is not None:
@@ -171,13 +186,13 @@ def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, 
             write(skips[first - 1], [j], c.positions - p0, prep.src[c.site][c.positions], None)
         else:
             inline.setdefault(c.site, []).append((j, c))
-    kw = {**forward_kwargs(vlm, at, p0, cache=p0 > 0), **_lm_kwargs(prep, dst, p0, k)}
+    kw = {**forward_kwargs(vlm, at, p0, cache=p0 > 0), **lm_kwargs(prep, dst, p0, k)}
     if p0 > 0:
         kw["cache"] = prep.cache_for(p0, k, dst)
     embeds = prep.embeds[p0:].unsqueeze(0).repeat(k, 1, 1)
     with torch.no_grad(), vlm.trace(inputs_embeds=embeds, **kw):
         args, lm_kw = vlm.lm.inputs  # what the language model gets, whatever the top level did
-        vlm.lm.inputs = (args, {**lm_kw, **_lm_kwargs(prep, dst, p0, k)})
+        vlm.lm.inputs = (args, {**lm_kw, **lm_kwargs(prep, dst, p0, k)})
         for layer in range(first):
             vlm.layers[layer].skip(skips[layer])
         for site in sorted(inline, key=lambda s: s.order):
