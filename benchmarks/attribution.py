@@ -1,9 +1,11 @@
 """Attribution patching vs the exact library sweep: cost and agreement on one grid.
 
-Model: Qwen2-VL with random weights, Qwen2-VL's vision tower (1280 wide, 4 blocks), 8 frames of
-112x112, an LM of 16 layers x 512 (8 heads, 2 kv heads) — a deep, narrow stand-in where the
-exact sweep's cost (one row per condition, ~half the layers each) and AtP's (a constant number
-of passes) separate as they do on a real model. Grid: every layer's per-head outputs (z) x 8
+Model: Qwen2-VL with random weights, 8 frames of 112x112, an LM of 16 layers x 512 (8 heads,
+2 kv heads) and a vision tower 1280 wide with 1 block, so that one vision pass costs about
+0.4 of an LM pass, as on Qwen2-VL-7B with 8 frames of 336x336 (the JSON's vision_over_lm) —
+a deep, narrow stand-in where the exact sweep's cost (one row per condition, ~half the layers
+each) and AtP's (a constant number of passes, two of them with the vision tower) separate as
+they do on a real model. Grid: every layer's per-head outputs (z) x 8
 heads x 4 frame spans = 512 conditions, denoising, metric = logit difference of two letters.
 
   exact   `vlminterp.sweep.patch_sweep` (strategy "auto": layer skipping + prefix reuse);
@@ -49,7 +51,7 @@ def main() -> int:
     layers = 8 if args.quick else 16
     vlm, _ = common.realistic_qwen2_vl(max_pixels=112 * 112, device=args.device, layers=layers,
                                        hidden=512, intermediate=2816, heads=8, kv_heads=2,
-                                       plain_copy=False)
+                                       vision_depth=1, plain_copy=False)
     clean = common.random_video(0, frames=8, size=112)
     pair = vlm.prepare(text="Which direction does the square move? Answer:",
                        video=[clean, reverse(clean)])
@@ -92,7 +94,9 @@ def main() -> int:
         agreement={str(n): v for n, v in agree.items()},
         step_count_used=good[0] if good else None,
         exact_meta=results["exact"].meta, atp_meta=results["atp_0"].meta,
-        model="Qwen2-VL, LM 512 wide x layers (8 heads, 2 kv), vision 1280 x 4 blocks, "
+        vision_over_lm=common.qwen_vision_share(vlm, vlm.prepare(
+            text="Which direction does the square move? Answer:", video=[clean])),
+        model="Qwen2-VL, LM 512 wide x layers (8 heads, 2 kv), vision 1280 x 1 block, "
               "8 frames 112x112, random weights"))
 
 

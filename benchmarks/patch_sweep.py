@@ -17,9 +17,14 @@ Variants, all giving the same scores (asserted, max |diff| <= 1e-5):
                  vision tower on [clean, counterfactual], the LM on [clean, cf, patched x k];
   layers         strategy="layers": one prepare forward, then per chunk the LM alone, the layers
                  before the patched one skipped (their outputs are the counterfactual run's);
-  layers+prefix  strategy="layers+prefix" (what "auto" picks): also only the positions from the
-                 first patched one on, the prefix's keys/values from the counterfactual's cache.
-Targets: loop / layers+prefix >= 5 (realistic) and >= 8 (deep).
+  layers+prefix  strategy="layers+prefix": also only the positions from the first patched one
+                 on (the prefix's keys/values from the counterfactual's cache), and the final
+                 layer's MLP on the metric's position only;
+  auto           the default: layers+prefix after checking one condition against the plain
+                 path (one extra LM row in the prepare forward).
+Targets: loop / layers+prefix >= 5 (realistic) and >= 8 (deep). The JSON's meta gives each
+model's vision_over_lm (one vision pass / one LM pass): the loop reruns the vision tower per
+condition, so the larger it is the more reuse gains (Qwen2-VL-7B, 8 frames 336x336: ~0.35).
 
     python benchmarks/patch_sweep.py [--quick] [--json PATH] [--device cpu|cuda]
 """
@@ -104,7 +109,7 @@ def run_model(name, kw, args):
     grid = sweep.Grid([f"resid.{i}" for i in layers], SPANS)
     variants = {"loop": lambda: loop_sweep(vlm, plain, clean, cf, prompt, ids, layers),
                 "rows": lambda: library_sweep(vlm, pair, grid, ids, "rows", 8)[0]}
-    for strategy in ("layers", "layers+prefix"):
+    for strategy in ("layers", "layers+prefix", "auto"):
         variants[strategy] = lambda s=strategy: library_sweep(vlm, pair, grid, ids, s)[0]
     ref = variants["loop"]()
     diffs = {}
@@ -122,9 +127,11 @@ def run_model(name, kw, args):
     ratios = {f"{name}.speedup": t.ratio("loop", "layers+prefix"),
               f"{name}.speedup_layers": t.ratio("loop", "layers"),
               f"{name}.speedup_rows": t.ratio("loop", "rows"),
+              f"{name}.speedup_auto": t.ratio("loop", "auto"),
               f"{name}.prefix_over_layers": t.ratio("layers", "layers+prefix")}
+    share = common.qwen_vision_share(vlm, vlm.prepare(text=prompt, video=[clean]))
     info = {"conditions": len(layers) * len(SPANS), "seq_len": pair["input_ids"].shape[1],
-            "max_score_diff": diffs, "chosen": meta, **kw}
+            "max_score_diff": diffs, "chosen": meta, "vision_over_lm": share, **kw}
     return rows, ratios, info
 
 

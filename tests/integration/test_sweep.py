@@ -82,7 +82,7 @@ def _hooked_metric(vlm, inputs, cond, src, dst, at):
 def test_sweep_equals_one_hooked_forward_per_condition(hf_vlm, strategy, rows):
     inputs = clean_and_counterfactual(hf_vlm)
     at = hf_vlm.layout(inputs)[1].last
-    grid = sweep.Grid(["embed", "resid.1", "attn.2", "mlp.0"], _groups(hf_vlm, inputs))
+    grid = sweep.Grid(["embed", "resid.1", "attn.2", "mlp.0", "mlp.3"], _groups(hf_vlm, inputs))
     res = sweep.patch_sweep(hf_vlm, inputs, grid, metric, strategy=strategy,
                             rows_per_forward=rows, progress=False)
     assert res.meta["strategy"] == strategy and res.dims == ("site", "positions")
@@ -139,8 +139,12 @@ def test_reuse_skips_the_unchanged_layers_and_prefix():
     seq = inputs["input_ids"].shape[1]
     layers = vlm.torch_model.model.language_model.layers
     seen = {i: [] for i in range(len(layers))}
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen[i].append(o.shape))
-             for i, layer in enumerate(layers)]  # a skipped layer runs none of its modules
+    mlp_seen = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda m, a, o, i=i: seen[i].append(tuple(a[0].shape)))
+        for i, layer in enumerate(layers)]  # a skipped layer runs none of its modules
+    hooks.append(layers[3].mlp.down_proj.register_forward_hook(
+        lambda m, a, o: mlp_seen.append(tuple(o.shape))))
     grid = sweep.Grid(["resid.2"], {"frames 4-5": "visual_frames:4:6"})
     try:
         res = sweep.patch_sweep(vlm, inputs, grid, metric, strategy="layers+prefix",
@@ -152,6 +156,7 @@ def test_reuse_skips_the_unchanged_layers_and_prefix():
     assert res.meta["forwards"] == 2
     assert [len(seen[i]) for i in range(4)] == [1, 1, 1, 2]  # layers 0-2: the prepare pass only
     assert seen[3] == [(2, seq, 64), (1, seq - p0, 64)]  # the patched row: positions >= p0
+    assert mlp_seen == [(2, seq, 64), (1, 1, 64)]  # final MLP: the metric's position only
 
 
 def test_a_bidirectional_layer_makes_auto_drop_the_prefix_reuse():

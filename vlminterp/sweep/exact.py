@@ -78,21 +78,18 @@ def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: in
     return scores[:n], scores[n:], dict(extra)
 
 
-def _chunks(conditions: list[Condition], rows: int, by_layer: bool,
-            by_position: bool = False) -> list[list[int]]:
-    """Indices of the conditions per forward: in order, or grouped by first changed layer (and,
-    with ``by_position``, first patched position) and sorted by first patched position, so
-    each chunk skips as much as it can. On a CPU the work is proportional to the positions
-    computed, so splitting by position pays; on a GPU fewer, bigger batches do."""
+def _chunks(conditions: list[Condition], rows: int, by_layer: bool) -> list[list[int]]:
+    """Indices of the conditions per forward: in order, or grouped by first changed layer and
+    sorted by first patched position (so each chunk skips as much as it can). Splitting a
+    layer's group further by position was slower on a CPU: every forward reads the weights
+    again, and short sequences do not pay for it."""
     idx = list(range(len(conditions)))
     if not by_layer:
         return [idx[k:k + rows] for k in range(0, len(idx), rows)]
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for i in sorted(idx, key=lambda i: (conditions[i].site.first_layer,
                                         conditions[i].first_position)):
-        c = conditions[i]
-        groups.setdefault((c.site.first_layer, c.first_position if by_position else 0),
-                          []).append(i)
+        groups.setdefault(conditions[i].site.first_layer, []).append(i)
     return [g[k:k + rows] for g in groups.values() for k in range(0, len(g), rows)]
 
 
@@ -146,21 +143,24 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
             return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
                              visit, visit_sites, info)
     out = torch.full((len(conditions),), float("nan"))
+    done = dict(zip(map(id, probes), info.pop("probe_values", [])))
     todo = []
     for i, c in enumerate(conditions):
         row = reuse.known_result(prep, c, src, dst)
-        if row is None:
+        if id(c) in done:
+            out[i] = done[id(c)]
+        elif row is None:
             todo.append(i)
         else:
             out[i] = prep.base[row]
-    info["known_without_a_row"] = len(conditions) - len(todo)
+    info["known_without_a_row"] = len(conditions) - len(todo) - len(done)
     bar = _bar(progress, len(conditions), info)
     bar.update(len(conditions) - len(todo))
-    split = vlm.device.type == "cpu"
-    for part in _chunks([conditions[i] for i in todo], rows, by_layer=True, by_position=split):
+    trim = info.setdefault("trim_final_mlp", True)
+    for part in _chunks([conditions[i] for i in todo], rows, by_layer=True):
         idx = [todo[i] for i in part]
         out[idx] = reuse.run_chunk(vlm, prep, [conditions[i] for i in idx], metric, dst=dst,
-                                   at=at, prefix=strategy == "layers+prefix")
+                                   at=at, prefix=strategy == "layers+prefix", trim=trim)
         info["forwards"] += 1
         bar.update(len(idx))
     bar.close()
@@ -168,12 +168,11 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
 
 
 def _probes(conditions: list[Condition]) -> list[Condition]:
-    """The conditions `_check` compares: the one that skips the most (latest first layer, then
-    latest first position) and the earliest one that skips any layer."""
-    late = max(conditions, key=lambda c: (c.site.first_layer, c.first_position))
-    skipping = [c for c in conditions if c.site.first_layer > 0] or [late]
-    early = min(skipping, key=lambda c: (c.site.first_layer, -c.first_position))
-    return [late] if early is late else [late, early]
+    """The condition `_check` compares: the earliest one that skips a layer, the one with the
+    latest first position among those (it exercises the layer skipping and, at every later
+    layer, the prefix reuse)."""
+    skipping = [c for c in conditions if c.site.first_layer > 0] or conditions
+    return [min(skipping, key=lambda c: (c.site.first_layer, -c.first_position))]
 
 
 def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:
@@ -183,14 +182,15 @@ def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:
     plain = prep.probe_values
     scale = float(prep.base.abs().max())
     dtype = next(vlm.torch_model.parameters()).dtype
-    for candidate in ("layers+prefix", "layers")[0 if strategy == "layers+prefix" else 1:]:
+    ladder = [(c, t) for c in ("layers+prefix", "layers") for t in (True, False)]
+    for candidate, trim in ladder[0 if strategy == "layers+prefix" else 2:]:
         try:
             got = torch.cat([reuse.run_chunk(vlm, prep, [c], metric, dst=dst, at=at,
-                                             prefix=candidate == "layers+prefix")
+                                             prefix=candidate == "layers+prefix", trim=trim)
                              for c in probes])
         except Exception as e:  # a family the reuse path cannot drive: fall back, say why
-            warnings.warn(f"{vlm!r}: sweeping with {candidate!r} failed ({type(e).__name__}: "
-                          f"{e})")
+            warnings.warn(f"{vlm!r}: sweeping with {candidate!r} (final MLP trimmed: {trim}) "
+                          f"failed ({type(e).__name__}: {e})")
             continue
         info["forwards"] += len(probes)
         if _agrees(got, plain, scale, dtype):
@@ -198,6 +198,8 @@ def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:
                 warnings.warn(f"{vlm!r}: reusing the unpatched prefix's keys/values does not "
                               f"reproduce the plain forward here; sweeping with layer skipping "
                               f"only")
+            info["trim_final_mlp"] = trim
+            info["probe_values"] = got  # the probes' metric by the chosen path: kept
             return candidate
     warnings.warn(f"{vlm!r}: skipping unchanged layers does not reproduce the plain forward "
                   f"here; sweeping with one full forward per chunk")

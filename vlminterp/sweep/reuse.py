@@ -169,10 +169,12 @@ def lm_kwargs(prep: Prepared, dst: int, p0: int, rows: int) -> dict:
 
 
 def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, at: int,
-              prefix: bool) -> Tensor:
+              prefix: bool, trim: bool = True) -> Tensor:
     """Metric of each patched row of ``chunk``: the language model from the chunk's first
     changed layer (earlier layers skipped) and, with ``prefix``, from its first patched
-    position (earlier positions' keys/values from the destination run's cache)."""
+    position (earlier positions' keys/values from the destination run's cache). With
+    ``trim`` the final layer's MLP runs on the metric's position only: nothing else of the
+    final layer reaches the logits (the MLP is position-wise)."""
     k = len(chunk)
     first = min(c.site.first_layer for c in chunk)
     p0 = min(min(c.first_position for c in chunk), at) if prefix else 0
@@ -186,6 +188,11 @@ def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, 
             write(skips[first - 1], [j], c.positions - p0, prep.src[c.site][c.positions], None)
         else:
             inline.setdefault(c.site, []).append((j, c))
+    last = len(vlm.layers) - 1
+    actions = sorted(inline, key=lambda s: s.order)
+    if trim and first <= last:
+        actions.append(("trim", last))
+        actions.sort(key=lambda a: (last, 4.9) if isinstance(a, tuple) else a.order)
     kw = {**forward_kwargs(vlm, at, p0, cache=p0 > 0), **lm_kwargs(prep, dst, p0, k)}
     if p0 > 0:
         kw["cache"] = prep.cache_for(p0, k, dst)
@@ -195,13 +202,24 @@ def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, 
         vlm.lm.inputs = (args, {**lm_kw, **lm_kwargs(prep, dst, p0, k)})
         for layer in range(first):
             vlm.layers[layer].skip(skips[layer])
-        for site in sorted(inline, key=lambda s: s.order):
-            envoy, side = site.envoy(vlm)
+        for action in actions:
+            if isinstance(action, tuple):
+                _mlp_at(vlm.layers[last].mlp, at - p0)
+                continue
+            envoy, side = action.envoy(vlm)
             h, _ = head_view(envoy, site_tensor(envoy, side))
-            for j, c in inline[site]:
-                value = prep.src[site][c.positions]
+            for j, c in inline[action]:
+                value = prep.src[action][c.positions]
                 value = value if c.heads is None else value[:, list(c.heads)]
                 write(h, [j], c.positions - p0, value, c.heads)
         logits = vlm.lm_head.output[:, logits_index(kw, at, p0)].save()
     return metric(logits.float()).detach().cpu()
 
+
+def _mlp_at(mlp, idx: int) -> None:
+    """Inside a trace: run the (position-wise) MLP on position ``idx`` only; the other
+    positions' outputs are left at zero (nothing downstream reads them)."""
+    x = mlp.input
+    out = torch.zeros_like(x)
+    out[:, idx:idx + 1] = mlp(x[:, idx:idx + 1])
+    mlp.skip(out)
