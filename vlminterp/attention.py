@@ -109,8 +109,11 @@ def is_softmax_attention(module) -> bool:
 
 def attention_layers(vlm) -> list[int]:
     """Decoder layers with softmax attention in the HF pattern (linear-attention layers, e.g.
-    Gated DeltaNet, have none)."""
-    return [i for i in range(len(vlm.layers)) if is_softmax_attention(_attn_module(vlm, i))]
+    Gated DeltaNet, have none): the VLM's own ``attention_layers`` where it states them,
+    filtered to the modules with q/k/v/o projections."""
+    stated = getattr(type(vlm), "attention_layers", None)
+    layers = vlm.attention_layers if stated is not None else range(len(vlm.layers))
+    return [i for i in layers if is_softmax_attention(_attn_module(vlm, i))]
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,12 @@ class Heads:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    n_q: int = 0  # head_dim-wide chunks of q_proj's output: n_heads, or 2 * n_heads when it
+    # also holds a gate per head (Qwen3.5: chunk 2h is head h's query, 2h + 1 its gate)
+
+    @property
+    def gated_query(self) -> bool:
+        return self.n_q not in (0, self.n_heads)
 
     @property
     def groups(self) -> int:
@@ -127,7 +136,10 @@ class Heads:
         return self.n_heads // self.n_kv_heads
 
     def count(self, kind: str) -> int:
-        """Heads of a site kind: k and v have n_kv_heads, the rest n_heads."""
+        """Heads of a site kind: k and v have n_kv_heads, q q_proj's chunks, the rest
+        n_heads."""
+        if kind == "q":
+            return self.n_q or self.n_heads
         return self.n_kv_heads if kind in ("k", "v", "k_rot") else self.n_heads
 
     def query_heads(self, kv_head: int) -> list[int]:
@@ -150,7 +162,8 @@ def heads(vlm, layer: int) -> Heads:
         raise ValueError(f"layer {layer}: no softmax attention with q/k/v/o projections "
                          f"(attention layers: {attention_layers(vlm)})")
     hd = _head_dim(module)
-    return Heads(module.q_proj.out_features // hd, module.k_proj.out_features // hd, hd)
+    return Heads(module.o_proj.in_features // hd, module.k_proj.out_features // hd, hd,
+                 module.q_proj.out_features // hd)
 
 
 def head_site(vlm, layer: int, kind: str) -> tuple:
@@ -169,6 +182,7 @@ def head_view(site, h: Tensor) -> tuple[Tensor, bool]:
     its storage (writes go through) — for the pattern/scores/q_rot/k_rot sites a transpose,
     for a projection's ``[batch, pos, heads * head_dim]`` an unflatten by the parent attention
     module's head_dim; ``(h, False)`` for any other site."""
+    site = getattr(site, "envoy", site)  # a (envoy, side) Site object: its envoy
     module = getattr(site, "_module", None)
     if isinstance(module, AttentionSite):
         return h.transpose(1, 2), True

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..attention import attention_sites, head_view, heads as heads_of
-from ..interventions import site_tensor
+from ..interventions import expand_rows, site_tensor
 from . import reuse
 from .exact import rows_for_memory
 from .grid import Condition, Site
@@ -60,6 +60,10 @@ def _record(vlm, inputs, probes, src: int, dst: int, at: int, metric) -> dict:
         rec["embeds"] = lm_kw["inputs_embeds"][[src, dst]].clone()
         rec["position_ids"], rec["attention_mask"] = (lm_kw.get("position_ids"),
                                                       lm_kw.get("attention_mask"))
+        rec["other"] = [k for k, v in lm_kw.items() if k not in reuse._REPLAYED and (
+            isinstance(v, Tensor) or (isinstance(v, (list, tuple)) and v and
+                                      isinstance(v[0], Tensor)))]
+        rec["lm_in"] = site_tensor(*Site("embed").envoy(vlm))[[src, dst]].clone()
         for key, envoy, side in probes:
             if side is not None:
                 view = head_view(envoy, site_tensor(envoy, side))[0]
@@ -79,34 +83,62 @@ def _grad_rows(steps: int, n_layers: int, grad_drop: bool) -> list[tuple[float, 
     return [(a, d) for d in drops for a in alphas]
 
 
-def _gradients(vlm, rec: dict, probes, rows: list, at: int, metric, per_forward: int,
-               dst_row: int) -> tuple[dict, int]:
-    """Summed gradients of the metric w.r.t. every probe, per dropped layer: {drop: {key:
-    [seq, ...]}}; prefix positions identical in both runs come from the destination's cache."""
+def _lm_only(vlm, rec: dict, at: int, dst_row: int) -> tuple[reuse.Prepared, int]:
+    """The recorded destination run as `reuse.Prepared`, and the first position where the two
+    runs' LM inputs differ (earlier positions are the same in every interpolated run)."""
     emb_src, emb_dst = rec["embeds"][0], rec["embeds"][1]
     differ = torch.nonzero((emb_src != emb_dst).flatten(1).any(1)).flatten()
     p0 = min(int(differ[0]) if len(differ) else at, at)
     prep = reuse.Prepared(rec["base"], embeds=emb_dst, position_ids=rec["position_ids"],
                           attention_mask=rec["attention_mask"], cache=rec["cache"])
+    return prep, p0 if rec["cache"] is not None else 0
+
+
+def _open(vlm, rec, inputs, chunk, at: int, dst_row: int, full: bool):
+    """(trace context, inputs to interpolate, p0) for one chunk of gradient rows: the language
+    model alone from the recorded LM inputs (positions >= p0), or (``full``) the whole model
+    over the input rows with the LM input replaced inside the trace."""
+    k = len(chunk)
+    if full:
+        x_src, x_dst = rec["lm_in"][0], rec["lm_in"][1]
+        return vlm.trace(inputs, **reuse.forward_kwargs(vlm, at)), (x_src, x_dst), 0, None
+    prep, p0 = _lm_only(vlm, rec, at, dst_row)
+    kw = {**reuse.forward_kwargs(vlm, at, p0, cache=p0 > 0),
+          **reuse.lm_kwargs(prep, dst_row, p0, k, top=True)}
+    if p0 > 0:
+        kw["cache"] = prep.cache_for(p0, k, dst_row)
+    emb_src, emb_dst = rec["embeds"][0][p0:], rec["embeds"][1][p0:]
+    alpha = torch.tensor([a for a, _ in chunk], dtype=emb_dst.dtype, device=emb_dst.device)
+    embeds = (emb_dst + alpha[:, None, None] * (emb_src - emb_dst)).detach().requires_grad_(True)
+    return vlm.trace(inputs_embeds=embeds, **kw), embeds, p0, prep
+
+
+def _gradients(vlm, rec: dict, probes, rows: list, at: int, metric, per_forward: int,
+               dst_row: int, inputs, full: bool) -> tuple[dict, int]:
+    """Summed gradients of the metric w.r.t. every probe, per dropped layer: {drop: {key:
+    [seq, ...]}}; on the LM-only path prefix positions identical in both runs come from the
+    destination's cache."""
     sums: dict = {}
     passes = 0
     wanted = [key for key, _, side in probes if side is not None and
               (not isinstance(key, tuple) or key[0] == "pattern")]
     envoys = {key: envoy for key, envoy, side in probes if side is not None}
+    lm_in = Site("embed").envoy(vlm)[0]
     for start in range(0, len(rows), per_forward):
         chunk = rows[start:start + per_forward]
         k = len(chunk)
-        alpha = torch.tensor([a for a, _ in chunk], dtype=emb_dst.dtype, device=emb_dst.device)
-        embeds = (emb_dst[p0:] + alpha[:, None, None] * (emb_src[p0:] - emb_dst[p0:]))
-        embeds = embeds.detach().requires_grad_(True)
-        kw = {**reuse.forward_kwargs(vlm, at, p0, cache=p0 > 0),
-              **reuse.lm_kwargs(prep, dst_row, p0, k)}
-        if p0 > 0:
-            kw["cache"] = prep.cache_for(p0, k, dst_row)
+        ctx, xs, p0, prep = _open(vlm, rec, inputs, chunk, at, dst_row, full)
         drops = torch.tensor([-1 if d is None else d for _, d in chunk])
-        with torch.enable_grad(), vlm.trace(inputs_embeds=embeds, **kw):
-            args, lm_kw = vlm.lm.inputs
-            vlm.lm.inputs = (args, {**lm_kw, **reuse.lm_kwargs(prep, dst_row, p0, k)})
+        alpha = torch.tensor([a for a, _ in chunk])
+        with torch.enable_grad(), ctx:
+            if full:
+                expand_rows(vlm, [dst_row] * k)
+                x_src, x_dst = xs
+                a = alpha.to(x_dst.device, x_dst.dtype)[:, None, None]
+                lm_in.input = (x_dst + a * (x_src - x_dst)).requires_grad_(True)
+            else:
+                args, lm_kw = vlm.lm.inputs
+                vlm.lm.inputs = (args, {**lm_kw, **reuse.lm_kwargs(prep, dst_row, p0, k)})
             tensors = []
             for key, envoy, side in probes:
                 if side is None:  # GradDrop: this module's output, its gradient stopped
@@ -126,11 +158,30 @@ def _gradients(vlm, rec: dict, probes, rows: list, at: int, metric, per_forward:
             for j, (_, drop) in enumerate(chunk):
                 acc = sums.setdefault(drop, {})
                 acc[key] = acc.get(key, 0) + g[j]
-    full = {}
-    seq = emb_dst.shape[0]
-    for drop, acc in sums.items():
-        full[drop] = {key: _pad(g, p0, seq, key) for key, g in acc.items()}
-    return full, passes
+    seq = rec["embeds"].shape[1]
+    return {drop: {key: _pad(g, p0, seq, key) for key, g in acc.items()}
+            for drop, acc in sums.items()}, passes
+
+
+def _lm_only_reproduces(vlm, rec: dict, inputs, at: int, metric, src: int, dst: int) -> bool:
+    """Does the language model alone, from the destination's recorded inputs and prefix
+    cache, reproduce the *source* run when fed the source's LM input (the far end of the
+    interpolation)? Not where a mask or an input is built outside the LM, or where earlier
+    positions see later ones (then the prefix is not shared)."""
+    try:
+        ctx, _, _, _ = _open(vlm, rec, inputs, [(1.0, None)], at, dst, full=False)
+        with torch.no_grad(), ctx:
+            args, lm_kw = vlm.lm.inputs
+            prep, p0 = _lm_only(vlm, rec, at, dst)
+            vlm.lm.inputs = (args, {**lm_kw, **reuse.lm_kwargs(prep, dst, p0, 1)})
+            value = metric(vlm.lm_head.output[:, 0].float()).save()
+    except Exception:  # a family this path cannot drive
+        return False
+    from .exact import _agrees
+
+    dtype = next(vlm.torch_model.parameters()).dtype
+    return _agrees(value.cpu(), rec["base"][src].reshape(1), float(rec["base"].abs().max()),
+                   dtype)
 
 
 def _drop(module, rows: Tensor) -> None:
@@ -208,8 +259,9 @@ def attribution(vlm, inputs, grid, metric, *, direction: str = "denoise", clean:
     qk_layers = sorted({c.site.layer for c in conds if c.site.kind in ("q", "k")}) if qk_fix \
         else []
     if qk_layers and any(getattr(vlm.layers[i].self_attn._module.config,
-                                 "attn_logit_softcapping", None) for i in qk_layers):
-        warnings.warn("attribution: soft-capped attention scores; q/k cells use plain AtP")
+                                 "attn_logit_softcapping", None) or heads_of(vlm, i).gated_query
+                         for i in qk_layers):
+        warnings.warn("attribution: soft-capped scores or gated queries; q/k cells use plain AtP")
         qk_layers = []
     rows = _grad_rows(steps, vlm.n_layers, grad_drop)
     seq = inputs["input_ids"].shape[1]
@@ -218,8 +270,10 @@ def attribution(vlm, inputs, grid, metric, *, direction: str = "denoise", clean:
     drop_layers = range(vlm.n_layers) if grad_drop else ()
     with attention_sites(vlm) if qk_layers else contextlib.nullcontext():
         rec = _record(vlm, inputs, _probes(vlm, sites, qk_layers), src, dst, at, metric)
+        full = bool(rec["other"]) or getattr(vlm.family, "visual_entry", "overwrite") not in (
+            "overwrite", "add") or not _lm_only_reproduces(vlm, rec, inputs, at, metric, src, dst)
         grads, passes = _gradients(vlm, rec, _probes(vlm, sites, qk_layers, drop_layers), rows,
-                                   at, metric, per_forward, dst)
+                                   at, metric, per_forward, dst, inputs, full)
     n_alpha = max(steps, 1)
     values = []
     for c in conds:
@@ -232,7 +286,8 @@ def attribution(vlm, inputs, grid, metric, *, direction: str = "denoise", clean:
         ("-graddrop" if grad_drop else "")
     meta = {"direction": direction, "steps": steps, "qk_fix": bool(qk_layers),
             "grad_drop": grad_drop, "gradient_rows": len(rows), "rows_per_forward": per_forward,
-            "forwards": 1 + passes, "backwards": passes, "conditions": len(conds), "at": at,
+            "forwards": 2 + passes, "backwards": passes, "conditions": len(conds), "at": at,
+            "gradient_path": "whole model" if full else "language model only",
             "signed": not grad_drop}
     return _result(torch.stack(values).detach(), conds, coords, rec["base"], src, dst, method,
                    meta)

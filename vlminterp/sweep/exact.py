@@ -119,6 +119,13 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
     else:
         checked = True
     info = {"strategy": strategy, "rows_per_forward": rows, "forwards": 0}
+    entry = getattr(vlm.family, "visual_entry", "overwrite")
+    if strategy != "rows" and entry not in ("overwrite", "add"):
+        if checked:
+            raise ValueError(f"strategy {strategy!r}: {vlm!r} adds visual features inside the "
+                             f"language model ({entry}); reused rows would miss them — use "
+                             f"'rows' or 'auto'")
+        strategy = info["strategy"] = "rows"
     if strategy == "rows":
         return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
                          visit, visit_sites, info)
@@ -168,11 +175,16 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
 
 
 def _probes(conditions: list[Condition]) -> list[Condition]:
-    """The condition `_check` compares: the earliest one that skips a layer, the one with the
-    latest first position among those (it exercises the layer skipping and, at every later
-    layer, the prefix reuse)."""
-    skipping = [c for c in conditions if c.site.first_layer > 0] or conditions
-    return [min(skipping, key=lambda c: (c.site.first_layer, -c.first_position))]
+    """The conditions `_check` compares: the one that runs the most layers (it exercises the
+    language-model-only forward: masks and inputs built outside the LM) and the earliest one
+    that skips a layer; each with the latest first position among its peers (it exercises
+    the prefix reuse at every later layer)."""
+    key = lambda c: (c.site.first_layer, -c.first_position)  # noqa: E731
+    probes = [min(conditions, key=key)]
+    skipping = [c for c in conditions if c.site.first_layer > 0]
+    if skipping and min(skipping, key=key) is not probes[0]:
+        probes.append(min(skipping, key=key))
+    return probes
 
 
 def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:

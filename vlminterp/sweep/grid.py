@@ -69,10 +69,12 @@ class Site:
 
     def envoy(self, vlm) -> tuple:
         """``(site, at)`` for `vlminterp.interventions` (``at`` "input" or "output")."""
-        if self.kind == "embed":
-            return vlm.layers[0], "input"
-        if self.kind == "resid":
-            return vlm.layers[self.layer], "output"
+        if self.kind in ("embed", "resid"):
+            if getattr(type(vlm), "residual", None) is not None:  # the VLM says where it is
+                site = vlm.residual("embed" if self.kind == "embed" else self.layer)
+                return site.envoy, site.at
+            return (vlm.layers[0], "input") if self.kind == "embed" else \
+                (vlm.layers[self.layer], "output")
         if self.kind in ("attn", "mlp"):
             layer = vlm.layers[self.layer]
             return (layer.self_attn if self.kind == "attn" else layer.mlp), "output"

@@ -54,7 +54,8 @@ def write(h: Tensor, rows: list[int], positions: Tensor, value: Tensor, heads) -
 
 # language-model inputs the reused rows get back (anything else, e.g. deepstack features or
 # per-layer inputs, would be missing from them: such a model is swept without reuse)
-_REPLAYED = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position"}
+_REPLAYED = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position",
+             "logits_to_keep", "cache", "past_key_values", "use_cache"}
 
 
 @dataclass
@@ -96,10 +97,12 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
     for j, c in enumerate(probes):
         by_site.setdefault(c.site, []).append((n + j, c))
     kw = forward_kwargs(vlm, at, cache=cache)
-    wanted = set(sites)
-    visits = set(visit_sites)
-    order = sorted(wanted | visits | {Site("resid", i) for i in range(skip_layers)},
-                   key=lambda s: s.order)
+    wanted, visits = set(sites), set(visit_sites)
+    reads = [(s.order, s, *s.envoy(vlm)) for s in wanted | visits]
+    # what a skipped layer must hand on: its module output (for deepstack models that is not
+    # the residual, but those are swept without reuse)
+    reads += [((i, 6.5), ("out", i), vlm.layers[i], "output") for i in range(skip_layers)]
+    reads.sort(key=lambda r: r[0])
     with torch.no_grad(), vlm.trace(inputs, **kw):
         extra = nnsight.save({})
         rec = nnsight.save({})
@@ -109,18 +112,19 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
         rec["embeds"] = lm_kw["inputs_embeds"][dst].clone()
         rec["position_ids"], rec["attention_mask"] = (lm_kw.get("position_ids"),
                                                       lm_kw.get("attention_mask"))
-        rec["other"] = [k for k, v in lm_kw.items() if isinstance(v, Tensor) and k not in _REPLAYED]
-        for site in order:
-            envoy, side = site.envoy(vlm)
+        rec["other"] = [k for k, v in lm_kw.items() if k not in _REPLAYED and (
+            isinstance(v, Tensor) or (isinstance(v, (list, tuple)) and v and
+                                      isinstance(v[0], Tensor)))]
+        for _, key, envoy, side in reads:
             h = site_tensor(envoy, side)
-            if site in wanted:  # in the per-head layout where the site has heads
+            if key in wanted:  # in the per-head layout where the site has heads
                 view = head_view(envoy, h)[0]
-                rec[site], rec[("dst", site)] = view[src].clone(), view[dst].clone()
-            if site.kind == "resid" and site.layer < skip_layers:
-                rec[("dst", site.layer)] = h[dst].clone()
-            if site in visits:
-                visit(site, h, extra)
-            for row, c in by_site.get(site, []):
+                rec[key], rec[("dst", key)] = view[src].clone(), view[dst].clone()
+            elif isinstance(key, tuple):
+                rec[key] = h[dst].clone()
+            if key in visits:
+                visit(key, h, extra)
+            for row, c in by_site.get(key, []):
                 patch(envoy, c.positions, src_row=src, dst_rows=[row], at=side,
                       heads=None if c.heads is None else list(c.heads))
         logits = vlm.lm_head.output[:, logits_index(kw, at)].save()
@@ -130,13 +134,16 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
     prep.src = {s: rec[s] for s in sites}
     prep.dst = {s: rec[("dst", s)] for s in sites}
     prep.other_inputs = list(rec["other"])
-    prep.dst_out = {layer: rec[("dst", layer)] for layer in range(skip_layers)}
+    prep.dst_out = {layer: rec[("out", layer)] for layer in range(skip_layers)}
     prep.embeds, prep.position_ids = rec["embeds"], rec["position_ids"]
     prep.attention_mask = rec["attention_mask"]
     if cache:
         prep.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if prep.cache is not None and probes:
-            prep.cache.batch_select_indices(torch.arange(n))  # the input rows only
+            try:
+                prep.cache.batch_select_indices(torch.arange(n))  # the input rows only
+            except (AttributeError, NotImplementedError, RuntimeError):
+                prep.cache = None  # e.g. linear-attention states: no prefix reuse
     return prep
 
 
@@ -156,15 +163,37 @@ def known_result(prep: Prepared, c: Condition, src: int, dst: int) -> int | None
     return None
 
 
-def lm_kwargs(prep: Prepared, dst: int, p0: int, rows: int) -> dict:
+def _row(x: Tensor, dst: int, axis: int, rows: int) -> Tensor:
+    """Row ``dst`` of ``x`` along its batch ``axis`` (row 0 where the axis has size 1: shared
+    by every row, as PaliGemma's position ids), repeated ``rows`` times."""
+    one = x.narrow(axis, dst if x.shape[axis] > dst else 0, 1)
+    return one.expand(*[rows if i == axis else -1 for i in range(one.ndim)])
+
+
+def _mask(mask, dst: int, p0: int, rows: int):
+    """The destination row's mask for positions >= p0: a 2-D padding mask as it is, a 4-D
+    [batch, heads, q, k] one (built outside the LM, e.g. Gemma 3's bidirectional image
+    blocks) with its queries from p0 on; a dict of those per layer type."""
+    if isinstance(mask, dict):
+        return {k: _mask(v, dst, p0, rows) for k, v in mask.items()}
+    if isinstance(mask, Tensor) and mask.ndim == 2:
+        return _row(mask, dst, 0, rows)
+    if isinstance(mask, Tensor) and mask.ndim == 4:
+        return _row(mask, dst, 0, rows)[:, :, p0:]
+    return mask
+
+
+def lm_kwargs(prep: Prepared, dst: int, p0: int, rows: int, top: bool = False) -> dict:
+    """Position ids and mask of the destination row for ``rows`` copies of positions >= p0,
+    as the language model got them; ``top``: only what the top-level forward takes (ids and
+    a 2-D mask; a 4-D one goes to the language model directly)."""
     out = {}
     pid = prep.position_ids
-    if pid is not None:
-        out["position_ids"] = (pid[:, dst:dst + 1, p0:].expand(-1, rows, -1) if pid.ndim == 3
-                               else pid[dst:dst + 1, p0:].expand(rows, -1))
+    if isinstance(pid, Tensor):
+        out["position_ids"] = _row(pid, dst, 1 if pid.ndim == 3 else 0, rows)[..., p0:]
     mask = prep.attention_mask
-    if isinstance(mask, Tensor) and mask.ndim == 2:
-        out["attention_mask"] = mask[dst:dst + 1].expand(rows, -1)
+    if mask is not None and not (top and not (isinstance(mask, Tensor) and mask.ndim == 2)):
+        out["attention_mask"] = _mask(mask, dst, p0, rows)
     return out
 
 
@@ -193,7 +222,7 @@ def run_chunk(vlm, prep: Prepared, chunk: list[Condition], metric, *, dst: int, 
     if trim and first <= last:
         actions.append(("trim", last))
         actions.sort(key=lambda a: (last, 4.9) if isinstance(a, tuple) else a.order)
-    kw = {**forward_kwargs(vlm, at, p0, cache=p0 > 0), **lm_kwargs(prep, dst, p0, k)}
+    kw = {**forward_kwargs(vlm, at, p0, cache=p0 > 0), **lm_kwargs(prep, dst, p0, k, top=True)}
     if p0 > 0:
         kw["cache"] = prep.cache_for(p0, k, dst)
     embeds = prep.embeds[p0:].unsqueeze(0).repeat(k, 1, 1)
