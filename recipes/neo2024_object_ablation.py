@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n of the random and IG subsets; sizes above the visual token count are "
                         "skipped (default: 5,10,20,40,60,100,250)")
     p.add_argument("--ig_steps", type=int, default=50, help="integrated-gradients steps (default 50)")
-    p.add_argument("--ig_batch_size", type=int, default=4, help="integrated-gradients steps per "
-                   "forward+backward (default 4: ~20 GB of activations on LLaVA-1.5-7B)")
+    p.add_argument("--ig_batch_size", type=int, default=None, help="integrated-gradients steps "
+                   "per forward+backward (default: as many as fit a 2 GiB activation budget on "
+                   "CPU, half the free memory on a GPU; 4 is ~20 GB on LLaVA-1.5-7B)")
     p.add_argument("--max_new_tokens", type=int, default=40,
                    help="generative task: greedy tokens to generate (default 40; the original 200)")
     p.add_argument("--mean_vector", type=Path, default=None, help="ablation vector saved with "
