@@ -19,7 +19,6 @@ import os
 import re
 import warnings
 
-import nnsight
 import torch
 from torch import Tensor
 
@@ -91,6 +90,7 @@ def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: in
                visit=None, visit_sites=()) -> tuple[Tensor, Tensor, dict]:
     """One traced forward: rows [input rows..., patched...]; returns (metric of the input rows,
     metric of the patched rows, what ``visit(site, tensor, extra)`` put in ``extra``)."""
+    import nnsight  # here, not at module import: keeps `--help` light
     n = inputs.batch_size
     by_site: dict = {}
     for j, c in enumerate(chunk):
