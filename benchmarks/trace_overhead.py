@@ -89,7 +89,14 @@ def case(vlm, plain, inputs, device):
 
 def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--only", default=None, help="comma-separated models to run (tiny ids, "
+                   "realistic, wide-qwen3-vl, wide-llava-onevision, wide-internvl; default all)")
     args = p.parse_args()
+    only = None if args.only is None else set(args.only.split(","))
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     load0 = common.setup(args)
     reps, warmup = args.reps, args.warmup
     dev = args.device
@@ -97,6 +104,8 @@ def main() -> int:
 
     models = {}
     for mid in ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava", "tiny-clip-vit"):
+        if not wanted(mid):
+            continue
         vlm = vlminterp.load(mid, device=dev)
         if mid == "tiny-clip-vit":
             inputs = vlm.prepare(images=[common.random_image(i) for i in range(4)])
@@ -106,12 +115,15 @@ def main() -> int:
             inputs = vlm.prepare(text="Which direction does it move?",
                                  video=[common.random_video(0)])
         models[mid] = (vlm, common.tiny_plain(mid, dev), inputs)
-    vlm, plain = common.realistic_qwen2_vl(max_pixels=size * size, device=dev)
-    inputs = vlm.prepare(text="Which direction does the square move?",
-                         video=[common.random_video(0, frames=frames, size=size)])
-    models["realistic"] = (vlm, plain, inputs)
+    if wanted("realistic"):
+        vlm, plain = common.realistic_qwen2_vl(max_pixels=size * size, device=dev)
+        inputs = vlm.prepare(text="Which direction does the square move?",
+                             video=[common.random_video(0, frames=frames, size=size)])
+        models["realistic"] = (vlm, plain, inputs)
     widths = (dict(hidden=256, intermediate=512, heads=4, kv_heads=2) if args.quick else {})
     for short, mid in WIDENED.items():  # the new major families: the LM at 2B-class widths
+        if not wanted(f"wide-{short}"):
+            continue
         vlm, plain = common.widened(mid, dev, **widths)
         filler = " ".join(["please"] * (20 if args.quick else 150))  # ~600 positions in all
         inputs = vlm.prepare(text=f"{filler} Which direction does the square move?",
@@ -144,7 +156,8 @@ def main() -> int:
           f"{reps} interleaved reps; ratio = median of per-rep ratios)")
     common.print_table(rows, ["model", "seq", "a ms", "b ms", "c ms", "d ms", "b/a", "c/a",
                               "c/d", "wrap/a", "max IQR/med"])
-    return common.finish(args, ratios, TARGETS, common.meta(
+    targets = {k: v for k, v in TARGETS.items() if k.split(".")[0] in models}  # --only
+    return common.finish(args, ratios, targets, common.meta(
         args, load0, reps=reps, warmup=warmup, sizes=sizes, realistic_video=[frames, size, size],
         median_ms=medians,
         variants={"a": "plain forward (unwrapped copy)", "b": "trace, empty body",

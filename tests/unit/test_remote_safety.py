@@ -166,3 +166,13 @@ def test_load_remote_refuses_insecure_host_before_any_work(monkeypatch):
     remote.add_arguments(parser)
     args = parser.parse_args(["--remote", "--ndif-host", "http://203.0.113.7:8001", "--ndif-insecure"])
     assert args.ndif_insecure is True
+
+
+def test_a_server_traceback_reports_its_exception_line():
+    from vlminterp.remote import _job_failed
+
+    tb = ("Traceback (most recent call last):\n  File \"/srv/a.py\", line 3, in f\n    g()\n"
+          "  File \"/srv/b.py\", line 9, in g\n    raise KeyError('pixel_values_videos')\n"
+          "KeyError: 'pixel_values_videos'\n")
+    line = _job_failed("http://127.0.0.1:1", "model:{\"repo_id\": \"m\"}", tb)
+    assert line == "NDIF http://127.0.0.1:1: job for m failed: KeyError: 'pixel_values_videos'"

@@ -246,8 +246,18 @@ def _one_line(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _exception_of(description: str) -> str:
+    """A server traceback's last line (the exception itself): its first 240 characters are
+    only the frames' file names."""
+    if "Traceback (most recent call last)" not in description:
+        return description
+    lines = [ln.strip() for ln in str(description).splitlines() if ln.strip()]
+    return lines[-1] if lines else description
+
+
 def _job_failed(host: str, key: str, description: str) -> str:
     model = _model_name(key)
+    description = _exception_of(description)
     low = description.lower()
     if "too large" in low or "413" in low or "error parsing the body" in low:
         # ndif 0.1.2's API parses the upload as a form whose parts are capped (~1 MiB).

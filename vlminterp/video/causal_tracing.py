@@ -177,6 +177,23 @@ def _check_rows_align(lay) -> None:
                              f"counterfactual clips must have the same frame count and size")
 
 
+@dataclass(frozen=True)
+class _Dump:
+    """Saves what `_representations` reads, called on rows 0 and 1 (the pair, in every
+    strategy) inside the trace. A module-level callable, not a closure: run on NDIF (nnsight
+    0.8.1) a closure's variables were undefined there (NameError)."""
+
+    pooled: Tensor
+    visual: Tensor
+
+    def __call__(self, site, h, reps) -> None:
+        layer = "embed" if site.kind == "embed" else site.layer
+        reps[layer] = h[0:2, self.pooled].mean(1).save()
+        if layer == "embed":
+            reps["visual_mean"] = h[0:2, self.visual].mean(1).save()
+            reps["vprime"] = h[0:2, self.visual].save()
+
+
 def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
               direction: str = "denoise", dump: bool = False, lay=None,
               dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE,
@@ -202,20 +219,11 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}
     conds = [SweepCondition(Site.parse(c.layer, vlm.n_layers) if c.layer != "embed"
                             else Site("embed"), infos[c.token_slice].positions) for c in chunk]
-    pooled = resolve_slice(lay, dump_slice).positions if dump else None
-    visual = lay[0].visual
-
-    def dump_reps(site, h, reps):  # rows 0 and 1 are the pair in every strategy
-        layer = "embed" if site.kind == "embed" else site.layer
-        reps[layer] = h[0:2, pooled].mean(1).save()
-        if layer == "embed":
-            reps["visual_mean"] = h[0:2, visual].mean(1).save()
-            reps["vprime"] = h[0:2, visual].save()
-
+    dump_reps = _Dump(resolve_slice(lay, dump_slice).positions, lay[0].visual) if dump else None
     base, patched, run_info = run_conditions(
         vlm, pair, conds, lambda logits: option_margin(logits, option_ids_, correct),
         src=src, dst=dst, at=lay[0].last, rows_per_forward=rows_per_forward,
-        max_memory=max_memory, visit=dump_reps if dump else None,
+        max_memory=max_memory, visit=dump_reps,
         visit_sites=[Site("embed")] + [Site("resid", i) for i in range(vlm.n_layers)]
         if dump else ())
     if info is not None:
