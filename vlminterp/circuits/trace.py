@@ -54,9 +54,10 @@ def attention_logits_of(attn, x: Float[Tensor, "..."]) -> Float[Tensor, "batch h
 
 
 def clip_model_id(model: str, pretrained: str | None) -> str:
-    """The `vlminterp.load` id of ``--model`` / ``--pretrained``: ``tiny-clip-vit`` as is, else
-    ``open_clip:MODEL/PRETRAINED`` (``open_clip:MODEL``, random init, for '' or 'none')."""
-    if model == "tiny-clip-vit" or model.startswith("open_clip:"):
+    """The `vlminterp.load` id of ``--model`` / ``--pretrained``: ``tiny-clip-vit`` and the zoo's
+    ``tiny-clip-shapes`` as is, else ``open_clip:MODEL/PRETRAINED`` (``open_clip:MODEL``, random
+    init, for '' or 'none')."""
+    if model in ("tiny-clip-vit", "tiny-clip-shapes") or model.startswith("open_clip:"):
         return model
     if not pretrained or pretrained.lower() == "none":
         return f"open_clip:{model}"
