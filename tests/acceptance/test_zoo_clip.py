@@ -54,6 +54,8 @@ def test_gate_clusters_separate_object_from_background_tokens(tmp_path):
     in_obj = np.isin(labels, object_clusters)
     recall = in_obj[obj].mean()
     leak = in_obj[bg].mean()
+    print(f"gate clusters: object recall {recall:.3f}, background leak {leak:.3f}, "
+          f"object clusters {object_clusters}")
     assert recall >= 0.8 and leak <= 0.05, (recall, leak, object_clusters)
 
 
@@ -78,4 +80,6 @@ def test_target_causal_finds_a_significant_edge_into_the_object(tmp_path):
     assert object_tokens, "the centred object covers at least one cell in every image"
     effects = json.loads((tmp_path / "target.json").read_text())["effects"]
     into_object = [e for e in effects if e["dst_token"] in object_tokens]
+    print(f"target-causal: {len(into_object)} of {len(effects)} top paths end on object tokens "
+          f"{sorted(object_tokens)}; p-values {[e['edge_pvalue'] for e in into_object][:8]}")
     assert any(e["edge_pvalue"] < 0.01 for e in into_object), into_object

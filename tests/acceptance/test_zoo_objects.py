@@ -65,6 +65,7 @@ def test_object_tokens_carry_the_answer_random_tokens_do_not(vlm, data, mean):
         for cond in flips:
             flips[cond].append(not by_cond[cond]["correct"])
     rates = {c: float(np.mean(v)) for c, v in flips.items()}
+    print(f"ablation flip rates over {len(flips['object_b1'])} initially correct: {rates}")
     assert len(flips["object_b1"]) >= 0.95 * len(samples), "the model gets most images right"
     assert rates["object_b1"] >= 0.70 and rates["random_obj"] <= 0.10, rates
 
@@ -78,6 +79,7 @@ def test_logit_lens_reads_the_class_at_the_object(vlm, data):
         bg.append(record["background_fraction"])
     obj, bg = np.mean(obj, axis=0), np.mean(bg, axis=0)
     best = int(np.argmax(obj))
+    print(f"logit lens top-5 hit fraction per layer: object {obj.round(3)}, background {bg.round(3)}")
     assert obj[best] > bg[best], (obj, bg)
 
 
@@ -94,5 +96,6 @@ def test_knockout_object_to_last_breaks_the_answer_background_does_not(vlm, data
             if r["layers"] == "all":
                 hits[r["source"]].append(r["correct"])
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
+    print(f"knockout -> last over all layers, accuracy: {acc} (n={len(hits['baseline'])})")
     assert acc["baseline"] == 1.0 and len(hits["baseline"]) >= 0.95 * len(samples)
     assert acc["baseline"] - acc["obj_b1"] >= 0.5 and acc["baseline"] - acc["image_minus_obj_b1"] <= 0.1, acc

@@ -23,14 +23,24 @@ from vlminterp.zoo import image_task
 LENS_WEIGHT = 0.5
 LENS_COVERAGE = 0.25
 FORMATS = ("vqa", "polling_yes", "polling_no", "generative")
+# polling (below) is by far the slowest to learn: it gets two thirds of the training items
+FORMAT_SHARE = {"vqa": 1.0, "polling_yes": 2.0, "polling_no": 2.0, "generative": 1.0}
+# Polling asks whether the image's class equals the asked one: no single feature of either
+# correlates with the answer (an XOR), and with the answer loss alone polling stayed at chance
+# (Yes and No logits equal) while every other format reached 100%. A second planted step makes
+# it learnable: the asked class's token itself reads Yes/No through the logit lens after layer
+# MATCH_LAYER (it can look the class up among the image tokens before it); the answer position
+# then only has to copy that.
+MATCH_LAYER = 1
+MATCH_WEIGHT = 0.5
 
 
 class ObjectsLM:
     def __init__(self, model, processor):
-        from vlminterp.models import wrap
+        from vlminterp.models import family_of, wrap
 
         self.model, self.processor = model, processor
-        self.vlm = wrap(model, processor, "tiny-llava", "llava")
+        self.vlm = wrap(model, processor, "tiny-llava", family_of("tiny-llava"))
         self.tok = processor.tokenizer
         self.image_id = model.config.image_token_index
 
@@ -47,14 +57,18 @@ class ObjectsLM:
         text = prompt_text(self.vlm, TASKS["generative"].question)
         return text, self.tok.encode(f" It is a {c}.", add_special_tokens=False) + [self.tok.eos_token_id]
 
-    def batch(self, items, rng) -> tuple[dict, list, list]:
-        """(inputs with answers appended, [(row, position, target)], lens targets likewise)."""
-        rows, answer_slots, lens_slots = [], [], []
+    def batch(self, items, rng) -> tuple[dict, list, list, list]:
+        """(inputs with answers appended, [(row, position, target)] of the answers, of the lens
+        targets and of the polling match targets)."""
+        rows, answer_slots, lens_slots, match_slots, asked = [], [], [], [], []
+        share = np.array([FORMAT_SHARE[f] for f in FORMATS])
         for r, item in enumerate(items):
-            fmt = str(rng.choice(FORMATS))
+            fmt = str(rng.choice(FORMATS, p=share / share.sum()))
             other = str(rng.choice([c for c in image_task.CLASSES if c != item.category]))
             text, answer = self.texts(item, fmt, other)
             rows.append((text, answer))
+            asked.append(None if not fmt.startswith("polling") else
+                         (item.category if fmt == "polling_yes" else other, answer[0]))
         enc = self.processor(text=[t for t, _ in rows], images=[it.image for it in items],
                              return_tensors="pt", padding=True)
         lengths = enc["attention_mask"].sum(1).tolist()
@@ -72,18 +86,27 @@ class ObjectsLM:
             word = continuation_id(self.vlm, prompt_text(self.vlm, TASKS["vqa"].question,
                                                          TASKS["vqa"].answer_prefix), items[r].category)
             lens_slots += [(r, int(visual[i]), word) for i in np.nonzero(cover >= LENS_COVERAGE)[0]]
+            if asked[r] is not None:  # the asked class's token, after the image
+                where = torch.nonzero(ids[r, :n] == self.vlm.token_id(" " + asked[r][0])).flatten()
+                match_slots.append((r, int(where[-1]), asked[r][1]))
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": enc["pixel_values"]}, \
-            answer_slots, lens_slots
+            answer_slots, lens_slots, match_slots
 
     def loss(self, rng: np.random.Generator, batch_size: int, progress: float = 1.0) -> torch.Tensor:
-        inputs, answers, lens = self.batch(image_task.train_items(rng, batch_size), rng)
-        logits = self.model(**inputs, use_cache=False).logits.float()
+        inputs, answers, lens, match = self.batch(image_task.train_items(rng, batch_size), rng)
+        out = self.model(**inputs, use_cache=False, output_hidden_states=bool(match))
+        logits = out.logits.float()
 
-        def ce(slots):
+        def ce(slots, source=logits):
             r, p, t = (torch.tensor(v) for v in zip(*slots))
-            return F.cross_entropy(logits[r, p], t)
+            return F.cross_entropy(source[r, p], t)
 
-        return ce(answers) + (LENS_WEIGHT * ce(lens) if lens else 0.0)
+        loss = ce(answers) + (LENS_WEIGHT * ce(lens) if lens else 0.0)
+        if match:  # the logit lens after layer MATCH_LAYER at the asked class's token
+            lm = self.model.model.language_model
+            early = self.model.lm_head(lm.norm(out.hidden_states[MATCH_LAYER + 1])).float()
+            loss = loss + MATCH_WEIGHT * ce(match, early)
+        return loss
 
     def self_check(self, rng: np.random.Generator) -> float:
         """The appended answers tokenize as the prompt's continuation."""
@@ -104,10 +127,10 @@ class ObjectsLM:
 def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int = 4) -> dict:
     """Accuracy per format on ``n`` held-out images per class: vqa and polling by Neo et al.'s
     first-token rule at the last position, generative by whether greedy text names the class."""
-    from vlminterp.models import wrap
+    from vlminterp.models import family_of, wrap
     from vlminterp.neo2024.prompts import names_object, prompt_inputs, score
 
-    vlm = wrap(model, processor, base, "llava")
+    vlm = wrap(model, processor, base, family_of(base))
     items = image_task.heldout_items(seed, n)
     rng = np.random.default_rng([seed, 2])
     hits = {f: [] for f in FORMATS}

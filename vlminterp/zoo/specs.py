@@ -40,16 +40,20 @@ SPECS = {s.zoo_id: s for s in [
         mechanism={
             "direction": "needs the square's x in >= 2 temporal groups (on hold=2 clips no group "
                          "shows motion); all of it enters through the visual tokens",
-            "colour": "any visible frame suffices: a reversed clip leaves the answer (|TE| ~ 0)",
+            "colour": "any visible frame suffices; planted: a reversed clip gets the same letter "
+                      "logits (consistency loss), so its total effect is < 0.05 logits",
             "first_half / second_half": "only that half's two temporal groups decide the answer "
                                         "(the other half is independent of it by construction)",
             "presence": "both halves",
+            "training aids": "a linear probe on the projector's tokens (square in cell + colour, "
+                             "discarded) and bigger squares early (a curriculum); held-out clips "
+                             "use square rows training never drew",
         },
     ),
     ZooSpec(
         zoo_id="tiny-llava-objects", base="tiny-llava",
         builder="vlminterp.models.tiny:build_llava", builder_kwargs={"image_size": 112},
-        task="vlminterp.zoo.llava_objects:ObjectsLM", steps=800, batch_size=32, lr=2e-3,
+        task="vlminterp.zoo.llava_objects:ObjectsLM", steps=1400, batch_size=32, lr=3e-3,
         eval_n=50,
         description="LLaVA-1.5 (CLIP tower at 112 px = 8x8 image tokens) naming the one object "
                     "of 8 classes in Neo et al. 2024's formats: short VQA ('It is a' -> class), "
@@ -63,6 +67,8 @@ SPECS = {s.zoo_id: s for s in [
                           "the class word at the last layer (auxiliary loss, weight 0.5)",
             "attention": "the last position reads the class from the object's tokens: "
                          "knocking out object -> last breaks the answer, background -> last not",
+            "polling": "planted: the asked class's token reads Yes/No through the logit lens "
+                       "after layer 1 (auxiliary loss, weight 0.5); the answer copies it",
         },
     ),
     ZooSpec(

@@ -130,12 +130,14 @@ def _groups(rng: np.random.Generator) -> tuple[int, ...]:
     return tuple(int(v) for v in rng.random(N_GROUPS) < P_GROUP)
 
 
-def sample_clip(rng: np.random.Generator, progress: float = 1.0) -> Clip:
+def sample_clip(rng: np.random.Generator, progress: float = 1.0, heldout: bool = False) -> Clip:
     """A clip of the task's distribution: half are drawn like the demo set's (a 14 px square
     over the whole width), the others have a square of 14, 20 or 28 px over a random stretch of
     at least 42 px. ``progress`` < `CURRICULUM_END` (training's first part) draws bigger squares
     and fewer demo clips: a 14 px square is 1.6% of a frame, and a model from random weights
-    first learns where to look on big ones (on 14 px squares alone the loss did not move)."""
+    first learns where to look on big ones (on 14 px squares alone the loss did not move).
+    The square's top row is a multiple of 4 in training and 2 more than one in held-out clips
+    (``heldout``), so no held-out clip is a training clip."""
     early = max(0.0, 1 - progress / CURRICULUM_END)
     if rng.random() < 0.5 * (1 - early):
         side = synthetic.square_side(SIZE)
@@ -145,25 +147,26 @@ def sample_clip(rng: np.random.Generator, progress: float = 1.0) -> Clip:
         side = int(rng.integers(SIDES[0] // 2, biggest // 2 + 1)) * 2 if early else int(rng.choice(SIDES))
         lo = int(rng.integers(0, SIZE - side - MIN_TRAVEL + 1)) // 2 * 2
         path = (lo, int(rng.integers(lo + MIN_TRAVEL, SIZE - side + 1)) // 2 * 2)
-    row = int(rng.integers(0, SIZE - side + 1)) // 2 * 2
+    row = int(rng.integers(0, (SIZE - side - 2) // 4 + 1)) * 4 + (2 if heldout else 0)
     return Clip(direction=str(rng.choice(synthetic.DIRECTIONS)),
                 colour=str(rng.choice(list(synthetic.COLOURS))), groups=_groups(rng),
                 hold=int(rng.choice([1, 2])), path=path, row=row, side=side)
 
 
-def sample_item(rng: np.random.Generator, kind: str, progress: float = 1.0) -> Item:
+def sample_item(rng: np.random.Generator, kind: str, progress: float = 1.0,
+                heldout: bool = False) -> Item:
     """A clip on which ``kind`` applies (rejection sampling)."""
     while True:
-        clip = sample_clip(rng, progress)
+        clip = sample_clip(rng, progress, heldout)
         if clip.answer(kind) is not None:
             return Item(kind, clip)
 
 
 def heldout_items(seed: int, n_per_kind: int, kinds=KINDS) -> list[Item]:
-    """``n_per_kind`` items of each kind from the stream of ``seed`` (disjoint from training's
-    stream: `train_items` uses a different stream key)."""
+    """``n_per_kind`` items of each kind from the stream of ``seed``, with held-out rows (no
+    training clip has one)."""
     rng = np.random.default_rng([seed, 1])
-    return [sample_item(rng, kind) for kind in kinds for _ in range(n_per_kind)]
+    return [sample_item(rng, kind, heldout=True) for kind in kinds for _ in range(n_per_kind)]
 
 
 def train_items(rng: np.random.Generator, n: int, progress: float = 1.0) -> list[Item]:
