@@ -43,7 +43,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="cpu: process CPU time, immune to time the scheduler gives other jobs "
                         "(default on cpu); wall: perf_counter with cuda sync (default on cuda)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype, in the scripts that take it (the JSON's meta.dtype says "
+                        "what ran) (default float32)")
     return p
+
+
+def dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype`` as a torch dtype. A script that builds its models with it calls this, so
+    its JSON records the dtype it ran (others record float32 and a note)."""
+    args.dtype_used = True
+    return getattr(torch, args.dtype)
 
 
 def setup(args: argparse.Namespace, memory: bool = False) -> tuple[float, float, float]:
@@ -273,6 +283,10 @@ def meta(args: argparse.Namespace, load_before: tuple[float, ...], **extra) -> d
     }
     if str(args.device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
+    requested = getattr(args, "dtype", "float32")
+    info["dtype"] = requested if getattr(args, "dtype_used", False) else "float32"
+    if info["dtype"] != requested:
+        info["dtype_note"] = f"--dtype {requested} was given, but this script runs float32"
     info.update(extra)
     return info
 
@@ -308,11 +322,13 @@ def write_json(obj: dict, path: str) -> None:
 
 # -- models ------------------------------------------------------------------------------------
 def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vision_depth: int = 4,
-                       seed: int = 0, plain_copy: bool = True):
+                       seed: int = 0, plain_copy: bool = True, hidden: int = 1536,
+                       intermediate: int = 8960, heads: int = 12, kv_heads: int = 2):
     """Qwen2-VL with the 2B model's widths (LM 1536/8960, 12 heads, 2 kv heads; vision 1280 wide,
     16 heads) but ``layers`` decoder layers and ``vision_depth`` vision blocks, random weights,
     SDPA attention as the real checkpoint loads. Uses the tiny model's offline tokenizer
     (vocab_size = len(tokenizer)) with a processor that lets frames be ``max_pixels`` large.
+    ``hidden``/``intermediate``/``heads``/``kv_heads`` shrink the LM (deep but narrow sweeps).
     Returns ``(vlm, plain)``: the wrapped `VLM` and an unwrapped copy with the same weights (the
     baseline: nnsight's wrapper adds a little even to untraced calls), None without plain_copy."""
     import copy
@@ -327,14 +343,14 @@ def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vi
     ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIALS}
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tok), hidden_size=1536, intermediate_size=8960,
-            num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=2,
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [16, 24, 24]},
+                             "mrope_section": [m * hidden // heads // 128 for m in (16, 24, 24)]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, num_heads=16,
+        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=hidden, num_heads=16,
                            mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -350,7 +366,7 @@ def realistic_qwen2_vl(max_pixels: int, device: str = "cpu", layers: int = 4, vi
         image_processor=Qwen2VLImageProcessor(**kw),
         video_processor=Qwen2VLVideoProcessor(do_sample_frames=False, **kw),
         tokenizer=tok, chat_template=tiny.QWEN_CHAT_TEMPLATE)
-    return wrap(model, processor, "qwen2-vl-2b-4layers", "qwen2_vl"), plain
+    return wrap(model, processor, f"qwen2-vl-{hidden}w-{layers}layers", "qwen2_vl"), plain
 
 
 def tiny_plain(model_id: str, device: str = "cpu"):
@@ -378,3 +394,25 @@ def random_image(seed: int, w: int = 80, h: int = 60):
     from PIL import Image
 
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def qwen_vision_share(vlm, inputs, reps: int = 3) -> float:
+    """How much one vision-tower pass costs relative to one language-model pass, for a Qwen2-VL
+    ``vlm`` on a one-row ``inputs`` (median CPU seconds of the tower alone / of the rest of a
+    forward). Reported next to sweep ratios: a loop that reruns the tower per condition gains
+    more from reuse the larger this is (Qwen2-VL-7B on 8 frames of 336x336: about 0.35)."""
+    model = vlm.torch_model
+    kw = {"pixel_values_videos": inputs["pixel_values_videos"],
+          "grid_thw": inputs["video_grid_thw"]}
+    full, tower = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.process_time()
+            model(**dict(inputs), logits_to_keep=1, use_cache=False)
+            t1 = time.process_time()
+            model.model.visual(kw["pixel_values_videos"], grid_thw=kw["grid_thw"])
+            t2 = time.process_time()
+            full.append(t1 - t0)
+            tower.append(t2 - t1)
+    v = statistics.median(tower)
+    return v / max(statistics.median(full) - v, 1e-9)

@@ -25,6 +25,7 @@ from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError
                                     check_frame_args, check_run_args, final_line, load_video_model,
                                     logged_results, open_log, open_video_dataset, recipe_main,
                                     result_config, run_logged, sample_frames)
+from vlminterp.shards import start
 from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.model_id is None:  # the demo: the zoo model trained on the --synthetic videos
         args.model_id = "tiny-qwen2-vl-motion" if args.annotations is None else "tiny-qwen2-vl"
+    run = start(parser, args, argv, outputs=("output", "representations_output"))
     png = args.output.with_name(args.output.stem + "_heatmap.png")
     store_dir = args.representations_output or args.output.with_name(
         args.output.stem + "_representations")
@@ -89,9 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
                        restart=args.restart, retry_errors=args.retry_errors,
                        outputs=[args.output, png, store_dir])
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
-                                  args.output.parent, args.num_frames)
+                                  run.own_dir(args.output.parent), args.num_frames)
         vlm = load_video_model(args)
         layers = ct.parse_layers(args.layers, vlm.n_layers)
+        samples = run.take(list(data)[:args.limit], key=lambda s: s.question_id,
+                           stores=[store_dir] if args.dump_representations else [])
     except RecipeError:
         raise
     except ValueError as e:
@@ -116,7 +120,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "video_name": s.video_name, "task_name": s.task_name, "answer": s.answer})
         return records
 
-    samples = list(data)[:args.limit]
     run_logged(samples, log, trace, "tracing")
     records, errors = logged_results(samples, log)
     unstable = ct.mark_unstable(records, args.min_total_effect)

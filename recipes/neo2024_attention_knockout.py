@@ -28,6 +28,7 @@ from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
 from vlminterp.neo2024.cli import SELECTION_FLAGS  # noqa: F401  (not result flags here)
 from vlminterp.neo2024.cli import open_results_log, results
 from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.shards import start
 from vlminterp.store import write_json_atomic
 
 RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups",
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = start(parser, args, argv)
     neo.check_args(parser, args)
     sources = _names(parser, "sources", args.sources, SOURCES)
     targets = _names(parser, "targets", args.targets, TARGETS)
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                             Path(f"{stem}_groups.png")])
         vlm = neo.load_model(args)
         coco, samples = neo.load_samples(args)
+        samples = run.take(samples, key=lambda s: s.key)
         questions = neo.load_questions(args.questions)
     neo.run_samples(samples, log, "attention knockout", lambda s: neo.attention_knockout(
         vlm, coco.load_image(s), s, window=args.window, groups=not args.no_groups,

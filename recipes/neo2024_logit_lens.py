@@ -24,6 +24,7 @@ from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
 from vlminterp.neo2024.cli import SELECTION_FLAGS  # noqa: F401  (not result flags here)
 from vlminterp.neo2024.cli import open_results_log, results
 from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.shards import start
 from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = COMMON_RESULT_FLAGS + ("question", "top_k")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = start(parser, args, argv)
     neo.check_args(parser, args)
     stem = args.output.with_suffix("")
     with as_recipe_errors():
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not 0 <= layer < vlm.n_layers:
             parser.error(f"--heatmap_layer: expected 0..{vlm.n_layers - 1}, got {layer}")
         coco, samples = neo.load_samples(args)
+        samples = run.take(samples, key=lambda s: s.key, stores=[Path(f"{stem}_lens")])
     store = ActivationStore(Path(f"{stem}_lens"))
 
     def lens(s):

@@ -25,6 +25,7 @@ from vlminterp.neo2024.cli import RESULT_FLAGS as COMMON_RESULT_FLAGS
 from vlminterp.neo2024.cli import open_results_log, results
 from vlminterp.checks import RecipeError
 from vlminterp.runs import as_recipe_errors, final_line, recipe_main
+from vlminterp.shards import start
 from vlminterp.store import load_vector, write_json_atomic
 
 # The default ablation vector is the mean over the selected images, so which images run
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n of the random and IG subsets; sizes above the visual token count are "
                         "skipped (default: 5,10,20,40,60,100,250)")
     p.add_argument("--ig_steps", type=int, default=50, help="integrated-gradients steps (default 50)")
-    p.add_argument("--ig_batch_size", type=int, default=4, help="integrated-gradients steps per "
-                   "forward+backward (default 4: ~20 GB of activations on LLaVA-1.5-7B)")
+    p.add_argument("--ig_batch_size", type=int, default=None, help="integrated-gradients steps "
+                   "per forward+backward (default: as many as fit a 2 GiB activation budget on "
+                   "CPU, half the free memory on a GPU; 4 is ~20 GB on LLaVA-1.5-7B)")
     p.add_argument("--max_new_tokens", type=int, default=40,
                    help="generative task: greedy tokens to generate (default 40; the original 200)")
     p.add_argument("--mean_vector", type=Path, default=None, help="ablation vector saved with "
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = start(parser, args, argv)
     neo.check_args(parser, args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or any(t not in neo.TASKS for t in tasks):
@@ -79,23 +82,25 @@ def main(argv: list[str] | None = None) -> dict:
             Path(f"{stem}_{t}.png") for t in neo.TASKS])
         vlm = neo.load_model(args)
         coco, samples = neo.load_samples(args)
+        mine = run.take(samples, key=lambda s: s.key, stores=[] if args.mean_vector or
+                        args.zero_ablation else [Path(f"{stem}_mean")])
         questions = neo.load_questions(args.questions)
-        mean = _ablation_vector(args, vlm, coco, samples, stem)
-    neo.run_samples(samples, log, "object ablation", lambda s: neo.object_ablation(
+        mean = _ablation_vector(args, vlm, coco, samples, stem)  # over every shard's images
+    neo.run_samples(mine, log, "object ablation", lambda s: neo.object_ablation(
         vlm, coco.load_image(s), s, mean, tasks=tasks, sizes=sizes, ig_steps=args.ig_steps,
         ig_batch_size=args.ig_batch_size, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
         keep_all=args.keep_all, use_polygons=not args.use_boxes,
         question=neo.question_for(questions, s)))
-    records, errors = results(samples, log)
+    records, errors = results(mine, log)
     summary = neo.summarize_ablation(records, args.seed)
     pngs = neo.plot_ablation(summary, tasks, stem, vlm.model_id)
     result = {"experiment": "neo2024_object_ablation", "model_id": vlm.model_id,
               "settings": neo.run_info(args, tasks=tasks, sizes=sizes),
-              "n_samples": len(samples), "errors": errors, "summary": summary,
+              "n_samples": len(mine), "errors": errors, "summary": summary,
               "records": records}
     write_json_atomic(args.output, result)
-    final_line(f"{len(records)} records of {len(samples)} images", [args.output, *pngs],
+    final_line(f"{len(records)} records of {len(mine)} images", [args.output, *pngs],
                len(errors))
     return result
 

@@ -20,6 +20,7 @@ from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError
                                     check_run_args, final_line, load_video_model, logged_results,
                                     open_log, open_video_dataset, recipe_main, result_config,
                                     run_logged, sample_frames)
+from vlminterp.shards import start
 from vlminterp.store import write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("scoring", "max_new_tokens")
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = start(parser, args, argv)
     for flag in ("num_frames", "max_new_tokens", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag}: expected a positive number, got {getattr(args, flag)}")
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
                        restart=args.restart, retry_errors=args.retry_errors,
                        outputs=[args.output])
         data = open_video_dataset(args.annotations, args.video_root, args.synthetic,
-                                  args.output.parent, args.num_frames)
+                                  run.own_dir(args.output.parent), args.num_frames)
         vlm = load_video_model(args)
+        samples = run.take(list(data)[:args.limit], key=lambda s: s.question_id)
     except RecipeError:
         raise
     except ValueError as e:
@@ -84,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
                       correct=None if s.answer_index is None else pred == s.answer_index)
         return [record]
 
-    samples = list(data)[:args.limit]
     run_logged(samples, log, score, "inference")
     records, errors = logged_results(samples, log)
     result = {"config": {"model_id": args.model_id, "num_frames": args.num_frames,

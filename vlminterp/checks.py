@@ -72,34 +72,6 @@ def check_device(spec: str | None, flag: str = "--device") -> str:
     return spec
 
 
-def _path_like(model_id: str) -> bool:
-    return os.path.isabs(model_id) or model_id.startswith((".", "~"))
-
-
-def _snapshot_dir(model_id: str) -> str | None:
-    """The local copy of a hub id in the Hugging Face cache, if any (no network)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model_id, local_files_only=True)
-    except Exception:  # not cached, or not a valid repo id
-        return None
-
-
-def bad_checkpoint_file(directory: str | os.PathLike) -> str | None:
-    """``"FILE: reason"`` for the first ``*.safetensors`` in ``directory`` whose header is
-    corrupt or whose data is truncated, else None."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                f.keys()
-        except Exception as e:  # SafetensorError: bad header, truncated data
-            return f"{path}: {_first_line(e)}"
-    return None
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -107,30 +79,27 @@ def _first_line(error: BaseException) -> str:
 
 def _diagnosis(model_id: str) -> tuple[str | None, str | None]:
     """``(message, local dir)``: a missing directory or a corrupt/truncated shard, if either."""
-    expanded = os.path.expanduser(model_id)
-    if _path_like(model_id) and not os.path.exists(expanded):
-        return f"model_id {model_id!r}: no such directory", None
-    local = expanded if os.path.isdir(expanded) else _snapshot_dir(model_id)
-    bad = bad_checkpoint_file(local) if local else None
-    if bad:
-        return f"model_id {model_id!r}: corrupt or truncated checkpoint file {bad}", local
-    return None, local
+    from .models import checkpoint
+
+    missing = checkpoint.missing_directory(model_id)
+    if missing:
+        return missing, None
+    local = checkpoint.local_dir(model_id)
+    return checkpoint.corrupt_file(model_id, local), local
 
 
 def describe_load_error(model_id: str, error: BaseException) -> str:
     """One line saying why ``model_id`` did not load: no such directory, a corrupt or truncated
     safetensors file (named), not cached with no hub, else the loader's own first line (a
     vlminterp ValueError as it is; anything else with its type)."""
+    from .models import checkpoint
+
     message, local = _diagnosis(model_id)
     if message:
         return message
-    text = str(error)
-    if local is None and any(s in text for s in ("couldn't connect", "offline", "Connection",
-                                                  "not a valid model identifier",
-                                                  "does not appear to have", "404")):
-        return (f"model_id {model_id!r}: not in the local Hugging Face cache and the hub "
-                f"cannot be reached or has no such model; download it first (hf download "
-                f"{model_id}) or give a local directory saved with save_pretrained")
+    unreachable = checkpoint.unreachable(model_id, error) if local is None else None
+    if unreachable:
+        return unreachable
     if local and not os.path.isfile(os.path.join(local, "config.json")):
         return f"model_id {model_id!r}: {local} has no config.json (not a saved checkpoint)"
     if type(error) is ValueError:  # vlminterp's own message
@@ -138,9 +107,17 @@ def describe_load_error(model_id: str, error: BaseException) -> str:
     return f"model_id {model_id!r}: cannot load it ({type(error).__name__}: {_first_line(error)})"
 
 
+def bad_checkpoint_file(directory: str | os.PathLike) -> str | None:
+    """See `vlminterp.models.checkpoint.bad_checkpoint_file`."""
+    from .models.checkpoint import bad_checkpoint_file as bad
+
+    return bad(directory)
+
+
 def load_checked(model_id: str, **kwargs):
-    """`vlminterp.load` with every loading failure as a one-line `RecipeError` (see
-    `describe_load_error`)."""
+    """`vlminterp.load` with every loading failure as a one-line `RecipeError`. `load` itself
+    names a missing directory, a corrupt file and an unreachable hub; `describe_load_error`
+    gives the rest one line too."""
     from vlminterp.models import load
 
     try:

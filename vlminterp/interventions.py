@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .attention import head_view
 from .models.base import Site
 
 Positions = Int[Tensor, "_pos"] | Sequence[int] | slice | None
@@ -61,46 +62,70 @@ def _rows(rows, batch: int) -> Tensor:
     return torch.as_tensor([rows] if isinstance(rows, int) else rows, dtype=torch.long)
 
 
-def _cells(h: Tensor, rows: Tensor, pos) -> tuple:
-    """Broadcastable (rows, positions) index into ``h[b, pos]``."""
+def _cells(h: Tensor, rows: Tensor, pos, heads=None) -> tuple:
+    """Broadcastable (rows, positions[, heads]) index into ``h[b, pos(, head)]``."""
+    if heads is None:
+        if isinstance(pos, slice):
+            return (rows, pos)
+        return (rows.to(h.device)[:, None], pos.to(h.device)[None, :])
     if isinstance(pos, slice):
-        return (rows, pos)
-    return (rows.to(h.device)[:, None], pos.to(h.device)[None, :])
+        pos = torch.arange(h.shape[1])[pos]
+    heads = torch.arange(h.shape[2])[heads] if isinstance(heads, slice) else heads
+    return (rows.to(h.device)[:, None, None], pos.to(h.device)[None, :, None],
+            heads.to(h.device)[None, None, :])
+
+
+def _target(site, at: str, heads) -> tuple:
+    """The tensor to edit and the heads index: with ``heads=`` (or on an attention-internal
+    site such as ``self_attn.pattern``) the per-head view ``[batch, pos, head, ...]`` of
+    `vlminterp.attention.head_view`, which shares storage with the site's tensor."""
+    h = site_tensor(site, at)
+    view, has_heads = head_view(site, h)
+    if heads is not None and not has_heads:
+        raise ValueError("heads=: this site has no heads (use a self_attn.q_proj/k_proj/v_proj "
+                         "output, o_proj input (z), or self_attn.pattern/scores/q_rot/k_rot)")
+    if not has_heads:
+        return h, None
+    return view, (slice(None) if heads is None else _index([heads] if isinstance(heads, int)
+                                                           else heads))
 
 
 def cache(sites: Mapping[str, object] | Sequence[object], positions: Positions = None,
-          rows=None, at: str = "output") -> dict:
+          rows=None, at: str = "output", heads=None) -> dict:
     """Save the outputs of several sites (at ``positions`` of ``rows``). Sites must be given
-    in execution order. Returns ``{name: saved tensor [rows, pos, d]}``; a sequence of sites
-    is keyed by index."""
+    in execution order. Returns ``{name: saved tensor [rows, pos, d]}`` (``[rows, pos, head,
+    head_dim]`` with ``heads=``, see `vlminterp.attention`); a sequence of sites is keyed by
+    index."""
     items = sites.items() if isinstance(sites, Mapping) else enumerate(sites)
     saved = {}
     for name, site in items:
-        h = site_tensor(site, at)
-        idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
+        h, hd = _target(site, at, heads)
+        idx = _cells(h, _rows(rows, h.shape[0]), _index(positions), hd)
         saved[name] = h[idx].detach().clone()
     return nnsight.save(saved)
 
 
 def patch(site, positions: Positions, *, src_row: int, dst_rows, src_positions: Positions = None,
-          at: str = "output") -> None:
+          at: str = "output", heads=None) -> None:
     """Copy the site's output at ``positions`` from batch row ``src_row`` into ``dst_rows``.
 
     Denoising patches clean -> counterfactual rows; noising does the reverse.
-    ``src_positions`` (same length) reads from other positions of the source row."""
-    h = site_tensor(site, at)
+    ``src_positions`` (same length) reads from other positions of the source row.
+    ``heads``: only these heads of a per-head site (`vlminterp.attention`)."""
+    h, hd = _target(site, at, heads)
     pos = _index(positions)
     src_pos = pos if src_positions is None else _index(src_positions)
     dst = _rows(dst_rows, h.shape[0])
-    value = h[src_row, src_pos].detach().clone()
-    h[_cells(h, dst, pos)] = value.unsqueeze(0).expand(len(dst), *value.shape)
+    value = h[_cells(h, torch.tensor([src_row]), src_pos, hd)][0].detach().clone()
+    h[_cells(h, dst, pos, hd)] = value.unsqueeze(0).expand(len(dst), *value.shape)
 
 
 def ablate(site, positions: Positions, kind: str = "zero", *,
-           mean: Float[Tensor, "d"] | None = None, source_row: int | None = None,
-           rows=None, at: str = "output") -> None:
+           mean: Float[Tensor, "*d"] | None = None, source_row: int | None = None,
+           rows=None, at: str = "output", heads=None) -> None:
     """Replace the site's output at ``positions``: ``zero``; ``mean`` (a given mean vector,
-    e.g. from `store.streaming_mean`); ``resample`` (the same positions of ``source_row``)."""
+    e.g. from `store.streaming_mean`; with ``heads=`` one broadcasting to [heads, head_dim]);
+    ``resample`` (the same positions of ``source_row``). ``heads``: only these heads."""
     if kind not in ("zero", "mean", "resample"):
         raise ValueError(f"ablate kind {kind!r}: expected 'zero', 'mean' or 'resample'")
     if kind == "mean" and mean is None:
@@ -108,10 +133,10 @@ def ablate(site, positions: Positions, kind: str = "zero", *,
     if kind == "resample":
         if source_row is None:
             raise ValueError("ablate kind 'resample' needs source_row=")
-        patch(site, positions, src_row=source_row, dst_rows=rows, at=at)
+        patch(site, positions, src_row=source_row, dst_rows=rows, at=at, heads=heads)
         return
-    h = site_tensor(site, at)
-    idx = _cells(h, _rows(rows, h.shape[0]), _index(positions))
+    h, hd = _target(site, at, heads)
+    idx = _cells(h, _rows(rows, h.shape[0]), _index(positions), hd)
     if kind == "zero":
         h[idx] = 0.0
     else:

@@ -273,3 +273,29 @@ def bar_plot(
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def sweep_heatmap(result, path: str | os.PathLike, *, normalised: bool = False,
+                  title: str | None = None) -> Path:
+    """A `vlminterp.sweep.SweepResult` as a heatmap: one row per site (per site and head with a
+    head axis), one column per position group (labelled with its position count). The title
+    says what the cells hold, the method, the direction and n (the clean/corrupt pairs per
+    cell); blank cells do not exist (k/v heads beyond the kv head count)."""
+    values = result.normalised() if normalised else result.values
+    rows = list(result.coords["site"])
+    if "head" in result.dims:
+        heads = result.coords["head"]
+        rows = [f"{s} h{h}" for s in rows for h in heads]
+        values = np.moveaxis(values, result.dims.index("head"), 1).reshape(len(rows), -1)
+    cols = [f"{g} ({result.n_positions.get(g, '?')} pos)" for g in result.coords["positions"]]
+    what = ("normalised effect (1 = the source run's metric)" if normalised
+            else "effect on the metric (patched - destination)")
+    direction = result.meta.get("direction", "")
+    n = result.meta.get("pairs", 1)
+    empty = "" if np.isfinite(values).any() and np.nanmax(np.abs(values)) > 0 else \
+        " — every cell is 0 or missing"
+    heading = title or f"{result.method} patching ({direction}): {what}, n = {n} pair per cell{empty}"
+    return heatmap(values, path, row_labels=rows, col_labels=cols, title=heading,
+                   xlabel="position group", ylabel="site",
+                   cbar_label="normalised effect" if normalised else "effect", center=0,
+                   annotate=values.size <= 64)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from . import load_flags
 from .checks import RecipeError, SampleError, check_device, check_output, load_checked
+from .shards import add_shard_arg, merging
 from .runs import (add_run_args, final_line, logged_results, open_log, recipe_main, result_config,
                    run_logged)
 from .video.counterfactuals import check_span, parse_swap_spans
@@ -24,14 +26,16 @@ __all__ = ["RecipeError", "SampleError", "check_device", "check_output", "load_c
            "sample_frames", "quiet_native_stderr", "VIDEO_RESULT_FLAGS", "check_run_args"]
 
 # Video flags that change a sample's records (each recipe adds its own).
-VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num_frames")
-
+VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num_frames",
+                      *load_flags.RESULT_FLAGS)
 
 
 def add_video_args(p, model_default: str | None = "tiny-qwen2-vl") -> None:
-    """The flags every video recipe shares: data, output, model, device, frames, resuming and
-    NDIF (``--remote``, ``--ndif-host``, ``--ndif-api-key``). ``model_default=None``: the
-    recipe picks the model (the zoo's ``tiny-qwen2-vl-motion`` with ``--synthetic``)."""
+    """The flags every video recipe shares: data, output, model, device and loading
+    (``--dtype``, ``--device_map``, ``--offload_folder``, ``--quantization``), frames, resuming,
+    ``--shard`` and NDIF (``--remote``, ``--ndif-host``, ``--ndif-api-key``).
+    ``model_default=None``: the recipe picks the model (the zoo's ``tiny-qwen2-vl-motion`` with
+    ``--synthetic``)."""
     from .remote import add_arguments as add_remote_arguments
 
     a = p.add_argument
@@ -52,14 +56,18 @@ def add_video_args(p, model_default: str | None = "tiny-qwen2-vl") -> None:
       "videos (moving squares, known answers) next to --output and use them")
     a("--retry_errors", action="store_true", help="on resume, retry samples that failed before "
       "(default: keep their recorded errors)")
+    load_flags.add_load_args(p)
     add_run_args(p)
+    add_shard_arg(p)
     add_remote_arguments(p)
 
 
 def load_video_model(args):
     """The recipe's video-capable model from its flags: `vlminterp.load` of ``args.model_id``
-    on ``args.device`` (default: cuda if available), or with ``args.remote`` a `RemoteVLM` on
-    ``args.ndif_host`` (`vlminterp.remote.load_from_args`). Raises ValueError naming the flag.
+    on ``args.device`` (default: cuda if available) with the loading flags
+    (`vlminterp.load_flags`), or with ``args.remote`` a `RemoteVLM` on ``args.ndif_host``
+    (`vlminterp.remote.load_from_args`); inside a merge, without weights. Raises ValueError
+    naming the flag.
     Tiny offline models run single-threaded: with hidden size 64, intra-op threads cost more
     than they save, and on a busy machine their spin-waiting made the demo ~20x slower."""
     from .remote import load_from_args
@@ -69,13 +77,13 @@ def load_video_model(args):
         raise ValueError("--device: the NDIF server places the model; drop it with --remote")
     if args.model_id.startswith("tiny-"):
         torch.set_num_threads(1)
-    if remote:
+    if remote and not merging():
         try:
             vlm = load_from_args(args, args.model_id)
         except ValueError as e:
             raise ValueError(f"--remote: {e}") from None
     else:
-        vlm = load_checked(args.model_id, device=check_device(args.device))
+        vlm = load_flags.load_model(args)
     if not vlm.family.takes_video:
         from .models import FAMILIES
 
@@ -89,11 +97,11 @@ exit_on_remote_error = recipe_main  # the older name
 
 
 def check_run_args(args) -> None:
-    """Before any work: ``--output`` is a writable file path and ``--device`` (local runs) a
-    device this machine has. Raises `RecipeError`."""
+    """Before any work: ``--output`` is a writable file path, and for local runs ``--device``
+    a device this machine has and the loading flags usable (`vlminterp.load_flags`). Raises
+    `RecipeError`."""
     check_output(args.output)
-    if not getattr(args, "remote", False):
-        check_device(args.device)
+    load_flags.load_kwargs(args)  # checks them (and --dtype auto -> the default it equals)
 
 
 def open_video_dataset(annotations, video_root, synthetic: int | None, out_dir, num_frames: int):

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from .checks import RecipeError, SampleError
 
-# Flags that never change a finished sample's records: where results go, where the model runs,
-# how many rows share a forward, which samples this run covers, and how a run resumes.
+# Flags that never change a finished sample's records: where results go, where the model runs
+# (device, device map), how many rows share a forward, which samples this run covers (limit,
+# shard), and how a run resumes.
 NOT_RESULT_FLAGS = frozenset({
     "output", "out", "representations_output", "device", "remote", "ndif_host", "ndif_api_key",
     "ndif_insecure", "retry_errors", "restart", "limit", "batch_size", "ig_batch_size",
     "min_total_effect", "include_unstable", "heatmap_layer", "heatmap_images", "html_images",
-    "plot_target",
+    "plot_target", "shard", "device_map", "offload_folder",
 })
 
 
@@ -83,9 +84,28 @@ def open_log(path, config: dict, *, restart: bool = False, retry_errors: bool = 
     try:
         return ResultLog(path, retry_errors=retry_errors, config=config)
     except ConfigMismatch as e:
+        if _only_new_default_flags(path, config):
+            return ResultLog(path, retry_errors=retry_errors, config=None)
         raise RecipeError(str(e)) from None
     except (ValueError, OSError) as e:  # a corrupt line in the middle of the log
         raise RecipeError(f"{_first_line(e)}; pass --restart to discard the log") from None
+
+
+def _only_new_default_flags(path: Path, config: dict) -> bool:
+    """The log's recorded settings equal ``config`` but for flags recorded since it was
+    written, all at their default None (e.g. --quantization): the same settings, resumable."""
+    import json
+
+    from .result_log import _jsonable
+
+    try:
+        with open(path, "rb") as f:
+            old = json.loads(f.readline()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    new = json.loads(json.dumps(_jsonable(config)))
+    return isinstance(old, dict) and all(new.get(k, object()) == v for k, v in old.items()) \
+        and all(new[k] is None for k in set(new) - set(old))
 
 
 @contextlib.contextmanager
@@ -120,8 +140,13 @@ def run_logged(samples, log, work, desc: str, key=lambda s: s.question_id) -> No
     (`RecipeError`) and nothing is logged for the sample. A `RemoteError` propagates."""
     from tqdm import tqdm
 
+    from .shards import merging
+
     todo = [s for s in samples if key(s) not in log.done]
     skipped = len(samples) - len(todo)
+    if todo and merging():
+        raise RecipeError(f"{len(todo)} samples have no result in the shards' logs (the first: "
+                          f"{key(todo[0])})")
     if skipped:
         errors = sum(1 for s in samples if key(s) in log.errors)
         note = f", {errors} of them recorded errors (--retry_errors retries them)" if errors else ""

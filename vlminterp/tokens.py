@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+Size = int | float
 _SLICE_HELP = ("allowed: 'all', 'text', 'markers', 'visual', 'last', 'visual_frames:a:b' "
                "(half-open input frames, a < b), 'positions:i,j,k'")
 
@@ -68,14 +69,15 @@ class TokenSlice:
 class ImageGeometry:
     """How original pixels reach the patch grid: resize to ``resized`` (w, h), crop the
     window at ``crop_box`` (left, top, right, bottom) of the resized image, cut in square
-    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens. ``resized`` and ``crop_box``
-    may be fractional: a crop of the original resized to a square input (pan-and-scan) is the
-    whole image resized by the crop's scale, then the crop's window."""
+    cells of ``cell`` pixels, ``grid`` = (rows, cols) of tokens. Sizes may be fractional: a
+    crop of the original resized to a square input (Gemma 3 pan-and-scan) is the whole image
+    resized by the crop's scale, then the crop's window; where a model resamples its token grid
+    (LLaVA-OneVision's interpolated anyres grid) the cells are the tokens' nominal footprints."""
 
     original: tuple[int, int]
-    resized: tuple[int | float, int | float]
-    crop_box: tuple[int | float, int | float, int | float, int | float]
-    cell: int
+    resized: tuple[Size, Size]
+    crop_box: tuple[Size, Size, Size, Size]
+    cell: Size
     grid: tuple[int, int]
 
     def box_cells(self, box, buffer: int = 0) -> list[tuple[int, int]]:

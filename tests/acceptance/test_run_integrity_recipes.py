@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 import recipes.calculate_mean_vector as mean_recipe
 import recipes.clip_trace as clip_trace_recipe

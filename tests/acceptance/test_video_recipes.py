@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 import recipes.calculate_mean_vector as mean_recipe
 import recipes.counterfactual_causal_tracing as tracing_recipe

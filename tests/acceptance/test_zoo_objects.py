@@ -15,7 +15,7 @@ zoo-style images written in COCO format and read back through the curation filte
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 from vlminterp import neo2024 as neo
 from vlminterp.data.coco import CocoObjects

@@ -16,7 +16,7 @@ the code the recipe runs) and checks that the effect lands where the answer is:
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 from vlminterp.video import causal_tracing as ct
 from vlminterp.video.counterfactuals import local_swap, reverse

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_video, tiny
+from support import random_video, tiny
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
 from vlminterp.video import causal_tracing as ct

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlminterp
-from conftest import tiny
+from support import tiny
 from recipes import clip_trace
 from vlminterp.circuits import capture_batch, image_source, load_trace, pretrained_tag, synthetic_image
 

@@ -7,7 +7,7 @@ accessors, hand-written hooks, and pixels put through the real processor.
 
 import pytest
 import torch
-from conftest import media_pair, random_video, tiny
+from support import media_pair, random_video, tiny
 
 import vlminterp
 from vlminterp.interventions import (cache, expand_rows, knockout_attention, logit_lens,

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 from PIL import Image
 
 from vlminterp.models.clip import crop_geometry

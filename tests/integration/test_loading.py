@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import media_pair, tiny
+from support import media_pair, tiny
 
 import vlminterp
 from vlminterp.interventions import patch

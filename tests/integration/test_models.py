@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import clean_and_counterfactual, random_image, random_video, tiny
+from support import clean_and_counterfactual, random_image, random_video, tiny
 
 import vlminterp
 from vlminterp.interventions import (ablate, add_vector, cache, expand_rows, knockout_attention,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_image, tiny
+from support import random_image, tiny
 
 from vlminterp import neo2024 as neo
 from vlminterp.data.coco import read_coco

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from support import tiny
 
 import vlminterp
 from vlminterp import zoo

@@ -21,7 +21,7 @@ import torch
 from . import clip, tiny
 from .base import VLM, Family, ModelInputs, Site
 
-_INFRASTRUCTURE = {"base", "clip", "common", "layouts", "resolve", "tiny"}
+_INFRASTRUCTURE = {"base", "checkpoint", "clip", "common", "layouts", "resolve", "tiny"}
 QUANTIZATION = (None, "8bit", "4bit")
 
 
@@ -97,10 +97,16 @@ def load(model_id: str, *, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def family_of(model_id: str) -> Family:
     """The family of a tiny id, a local directory (its config.json) or a hub id (its config,
-    which needs the hub or a local cache)."""
+    which needs the hub or a local cache). A missing directory or a hub id neither cached nor
+    reachable raises a one-line ValueError saying so."""
+    from . import checkpoint
+
     for f in FAMILIES:
         if model_id in f.tiny:
             return f
+    missing = checkpoint.missing_directory(model_id)
+    if missing:
+        raise ValueError(missing)
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
         try:
@@ -115,8 +121,9 @@ def family_of(model_id: str) -> Family:
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model_id {model_id!r} is not a tiny id ({', '.join(TINY)}), a local "
-                         f"directory, or a checkpoint reachable from here ({first})") from None
+        raise ValueError(checkpoint.unreachable(model_id, e) or (
+            f"model_id {model_id!r} is not a tiny id ({', '.join(TINY)}), a local directory, "
+            f"or a checkpoint reachable from here ({first})")) from None
     return _family_or_error(model_id, config.model_type, "its config")
 
 
@@ -131,6 +138,11 @@ def _from_pretrained(model_id, *, device, dtype, device_map, quantization, attn_
                      **extra):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from . import checkpoint
+
+    corrupt = checkpoint.corrupt_file(model_id, checkpoint.local_dir(model_id))
+    if corrupt:  # else safetensors fails deep inside from_pretrained without naming the file
+        raise ValueError(corrupt)
     kwargs = {"dtype": dtype or "auto", "output_loading_info": True, **extra}
     if device_map is not None:
         kwargs["device_map"] = device_map

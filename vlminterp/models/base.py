@@ -36,16 +36,18 @@ class ModelInputs(dict):
         """A batch made of ``rows`` of this one (rows may repeat), without re-running the
         processor: ``inputs.select_rows([0] * n)`` repeats a single row n times. Tensors
         flattened over patches (``meta["row_sizes"]``, set by the family's `prepare`; Qwen's
-        pixel tensors by their grid) are split per row; every other tensor is indexed on its
-        batch axis. Flattened inputs that hold indices into another flattened input
-        (``meta["index_spans"]``: per key, how many indexed entries each row owns — Molmo2's
-        pooling indices) are shifted to the rows' new places."""
+        pixel tensors by their grid) are split per row, along the axis ``meta["row_axis"]``
+        names (default 0; MiniCPM-V packs every crop of a batch along the last axis); every
+        other tensor is indexed on its batch axis. Flattened inputs that hold indices into
+        another flattened input (``meta["index_spans"]``: per key, how many indexed entries
+        each row owns — Molmo2's pooling indices) are shifted to the rows' new places."""
         n, rows = self.batch_size, list(rows)
         sizes, spans = self.row_sizes(), self.meta.get("index_spans", {})
+        axes = self.meta.get("row_axis", {})
         out = {}
         for key, value in self.items():
             if key in sizes:
-                parts = value.split(sizes[key])
+                parts = value.split(sizes[key], dim=axes.get(key, 0))
                 if len(parts) != n:
                     raise ValueError(f"select_rows: {key} holds {len(parts)} items for {n} rows")
                 if key in spans:
@@ -53,7 +55,7 @@ class ModelInputs(dict):
                     rows_here = range(len(rows))
                 else:
                     rows_here = rows
-                out[key] = torch.cat([parts[r] for r in rows_here])
+                out[key] = torch.cat([parts[r] for r in rows_here], dim=axes.get(key, 0))
             elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
                 out[key] = value[rows]
             else:
@@ -66,7 +68,8 @@ class ModelInputs(dict):
         return ModelInputs(out, meta=meta)
 
     def row_sizes(self) -> dict[str, list[int]]:
-        """Per flattened input key, how many of its leading entries belong to each row."""
+        """Per flattened input key, how many of its entries (along its row axis) belong to
+        each row."""
         sizes = dict(self.meta.get("row_sizes", {}))
         for key, grid_key in _FLAT_PIXELS.items():
             if key in self and key not in sizes and grid_key in self:

@@ -7,25 +7,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from vlminterp.checks import RecipeError, check_device, check_output, load_checked
+from vlminterp import load_flags
+from vlminterp.checks import RecipeError, check_output
 from vlminterp.data.coco import CocoError, CocoObjects, ObjectSample
 from vlminterp.neo2024.prompts import load_questions, question_for
 from vlminterp.remote import add_arguments as add_remote_arguments
 from vlminterp.runs import add_run_args, logged_results, open_log, result_config, run_logged
+from vlminterp.shards import add_shard_arg, merging
 
 # Flags of every neo2024 recipe that change an image's records; each recipe adds its own.
 # Which images run (--limit, curation) does not change an image's records: results list only
 # this run's images.
-RESULT_FLAGS = ("model_id", "dtype", "coco_annotations", "image_root", "synthetic", "seed",
-                "use_boxes", "keep_all")
+RESULT_FLAGS = ("model_id", *load_flags.RESULT_FLAGS, "coco_annotations", "image_root",
+                "synthetic", "seed", "use_boxes", "keep_all")
 SELECTION_FLAGS = ("limit", "no_curate", "max_annotations", "min_area", "max_area", "inclusive_area",
                    "only_with_questions")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Model, data and output flags every neo2024 recipe takes."""
+    """Model (and its loading: `vlminterp.load_flags`), data, output, resuming, ``--shard``
+    and NDIF flags every neo2024 recipe takes."""
     p.add_argument("--model_id", default="tiny-llava", help="tiny-llava (offline, random weights), "
                    "tiny-qwen2-vl, llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct or a local dir "
                    "(default: tiny-llava)")
@@ -53,12 +54,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    "wrong too (offline demos with random-weight tiny models; recorded in the JSON)")
     p.add_argument("--batch_size", type=int, default=16, help="rows per traced forward (default 16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="model dtype (default: float32 for tiny models, the checkpoint's otherwise)")
+    load_flags.add_load_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic data and random subsets")
     p.add_argument("--retry_errors", action="store_true", help="on resume, retry images that "
                    "failed before (default: keep their recorded errors)")
     add_run_args(p, limit=False)
+    add_shard_arg(p)
     add_remote_arguments(p)
 
 
@@ -85,13 +86,10 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{flag}: expected 0 or more, got {value}")
     if getattr(args, "only_with_questions", False) and args.questions is None:
         p.error("--only_with_questions needs --questions FILE")
-    for flag in ("device", "dtype"):
-        if args.remote and getattr(args, flag) is not None:
-            p.error(f"--{flag}: the NDIF server places the model and picks its dtype; drop it "
-                    "with --remote")
+    if args.remote and args.device is not None:
+        p.error("--device: the NDIF server places the model; drop it with --remote")
     check_output(args.output)  # RecipeError: one line, before any work
-    if not args.remote:
-        check_device(args.device)
+    load_flags.load_kwargs(args)  # checks them (and --dtype auto -> the default it equals)
 
 
 def open_results_log(args, result_flags, outputs=()):
@@ -103,14 +101,13 @@ def open_results_log(args, result_flags, outputs=()):
 
 
 def load_model(args):
-    """`vlminterp.load` (``--device``, ``--dtype``) or, with ``--remote``, a `RemoteVLM` on
-    ``--ndif-host`` (`vlminterp.remote.load_from_args`); a model that cannot be loaded for
-    the remote run exits with one line."""
+    """`vlminterp.load` (``--device`` and the loading flags, `vlminterp.load_flags`) or, with
+    ``--remote``, a `RemoteVLM` on ``--ndif-host`` (`vlminterp.remote.load_from_args`);
+    inside a merge, without weights. A model that cannot be loaded exits with one line."""
     from vlminterp.remote import load_from_args
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if not args.remote:
-        return load_checked(args.model_id, device=check_device(args.device), dtype=dtype)
+    if not args.remote or merging():
+        return load_flags.load_model(args)
     try:
         return load_from_args(args, args.model_id)
     except ValueError as e:

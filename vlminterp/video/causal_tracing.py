@@ -27,15 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nnsight
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from ..interventions import expand_rows, patch, site_tensor
 from ..metrics import normalised_effect, option_margin
-from .multiple_choice import Frames, last_logits_kwargs
+from ..sweep import Condition as SweepCondition, Site, pair_rows, run_conditions
+from .multiple_choice import Frames
 from ..tokens import TokenSlice
 from .tracing_summary import (MIN_TOTAL_EFFECT, UNSTABLE_DOC, effect_grid, empty_note,  # noqa: F401
                               excluded_note, mark_unstable, summarise)
@@ -83,11 +82,6 @@ def parse_layers(spec: str, n_layers: int) -> list:
 
 def _layer_order(layer) -> int:
     return -1 if layer == "embed" else int(layer)
-
-
-def _site(vlm, layer) -> tuple:
-    """``(site, at)`` of a layer condition for `patch`: "embed" is ``layers[0]``'s input."""
-    return (vlm.layers[0], "input") if layer == "embed" else (vlm.layers[layer], "output")
 
 
 def _frames_spec(spans) -> str:
@@ -182,42 +176,42 @@ def _check_rows_align(lay) -> None:
 def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
               direction: str = "denoise", dump: bool = False, lay=None,
               dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE):
-    """One traced forward over ``pair`` (prepared rows [clean, counterfactual]) whose language
-    model runs rows [clean, counterfactual, patched...] (`expand_rows`: the vision tower runs
-    on the 2 distinct rows only). ``lay``: the pair's layout, if the caller has it. Returns
-    (scores [2 + k], {spec: SliceInfo}, representations of rows 0 and 1 or None); with
-    ``dump`` the means pool over ``dump_slice`` (the run's --token_slice, see `_representations`)."""
+    """Score ``chunk``'s conditions on ``pair`` (prepared rows [clean, counterfactual]) with
+    `vlminterp.sweep.run_conditions`: one forward over the pair, then the patched rows, each
+    starting from the counterfactual (or clean) run's cached state at its layer and first
+    patched position (on NDIF: one forward of rows [clean, counterfactual, patched...]).
+    Layer conditions patch the residual stream (``vlm.residual(i)``: on deepstack families
+    the layer output plus the visual features added after it). ``lay``: the pair's layout, if
+    the caller has it. Returns (scores [2 + k], {spec: SliceInfo}, representations of rows 0
+    and 1 or None); with ``dump`` the means pool over ``dump_slice`` (the run's --token_slice,
+    see `_representations`)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
-    src, dst = (0, 1) if direction == "denoise" else (1, 0)
+    src, dst = pair_rows(direction, 0, 1)
     if lay is None:
         lay = vlm.layout(pair)
         _check_rows_align(lay)
     infos = {c.token_slice: resolve_slice(lay, c.token_slice) for c in chunk}
-    rows: dict = {}  # layer -> token slice -> the batch rows that patch it
-    for j, c in enumerate(chunk):
-        rows.setdefault(c.layer, {}).setdefault(c.token_slice, []).append(2 + j)
-    layers = sorted(set(rows) | (set(["embed", *range(vlm.n_layers)]) if dump else set()),
-                    key=_layer_order)
+    conds = [SweepCondition(Site.parse(c.layer, vlm.n_layers) if c.layer != "embed"
+                            else Site("embed"), infos[c.token_slice].positions) for c in chunk]
     pooled = resolve_slice(lay, dump_slice).positions if dump else None
-    keep = last_logits_kwargs(vlm)
-    at = -1 if "logits_to_keep" in keep else lay[0].last
-    with torch.no_grad(), vlm.trace(pair, **keep):
-        reps = nnsight.save({})  # made inside the trace and saved: NDIF returns saved objects only
-        expand_rows(vlm, [0, 1] + [dst] * len(chunk))
-        for layer in layers:
-            site, side = _site(vlm, layer)
-            for spec, dst_rows in rows.get(layer, {}).items():
-                patch(site, infos[spec].positions, src_row=src, dst_rows=dst_rows, at=side)
-            if dump:
-                h = site_tensor(site, side)
-                reps[layer] = h[0:2, pooled].mean(1).save()
-                if layer == "embed":
-                    reps["visual_mean"] = h[0:2, lay[0].visual].mean(1).save()
-                    reps["vprime"] = h[0:2, lay[0].visual].save()
-        logits = vlm.lm_head.output[:, at].save()
-    scores = option_margin(logits.float(), option_ids_, correct).tolist()
-    return scores, infos, (_representations(vlm, reps, vprime_shape) if dump else None)
+    visual = lay[0].visual
+
+    def dump_reps(site, h, reps):  # rows 0 and 1 are the pair in every strategy
+        layer = "embed" if site.kind == "embed" else site.layer
+        reps[layer] = h[0:2, pooled].mean(1).save()
+        if layer == "embed":
+            reps["visual_mean"] = h[0:2, visual].mean(1).save()
+            reps["vprime"] = h[0:2, visual].save()
+
+    base, patched, info = run_conditions(
+        vlm, pair, conds, lambda logits: option_margin(logits, option_ids_, correct),
+        src=src, dst=dst, at=lay[0].last, rows_per_forward=len(chunk),
+        visit=dump_reps if dump else None,
+        visit_sites=[Site("embed")] + [Site("resid", i) for i in range(vlm.n_layers)]
+        if dump else ())
+    scores = base.tolist() + patched.tolist()
+    return scores, infos, (_representations(vlm, info["extra"], vprime_shape) if dump else None)
 
 
 def _representations(vlm, reps: dict, vprime_shape: tuple[int, int] = VPRIME_SHAPE

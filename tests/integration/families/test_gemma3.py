@@ -3,7 +3,7 @@ processor; image tokens attend bidirectionally (a mask built outside the LM)."""
 
 import numpy as np
 import torch
-from conftest import tiny
+from support import tiny
 from PIL import Image
 
 from vlminterp.interventions import expand_rows, site_tensor

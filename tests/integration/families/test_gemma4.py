@@ -4,7 +4,7 @@ the frames, KV-shared layers (logits_to_keep is unsafe; expand_rows carries the 
 import dataclasses
 
 import torch
-from conftest import media_pair, random_video, tiny
+from support import media_pair, random_video, tiny
 
 from vlminterp.interventions import expand_rows, patch
 from vlminterp.models.gemma4 import PerLayerInputs

@@ -3,7 +3,7 @@ the real processor; the crop count per row (the processor drops ``num_patches``)
 
 import pytest
 import torch
-from conftest import random_image, random_video, tiny
+from support import random_image, random_video, tiny
 from painted import check_views, painted
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -3,7 +3,7 @@ image (offset by the pooling padding), one timestamped run per frame."""
 
 import numpy as np
 import torch
-from conftest import media_pair, random_video, tiny
+from support import media_pair, random_video, tiny
 from PIL import Image
 
 from vlminterp.interventions import output_tensor, site_tensor

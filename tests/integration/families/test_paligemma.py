@@ -2,7 +2,7 @@
 built outside the LM, a causal answer, the final logit soft-cap of PaliGemma 2."""
 
 import torch
-from conftest import random_image, tiny
+from support import random_image, tiny
 
 from vlminterp.interventions import expand_rows, logit_lens, site_tensor
 from vlminterp.models import wrap

@@ -1,7 +1,7 @@
 """Qwen3-VL specifics: deepstack features enter after layers 0..k-1, outside the layer modules."""
 
 import torch
-from conftest import media_pair, tiny
+from support import media_pair, tiny
 
 from vlminterp.interventions import expand_rows, patch, site_tensor
 

@@ -3,7 +3,7 @@ painting through the real processor; per-frame ``Frame from mm:ss:`` markers aft
 sentence, timestamps from the frames' rate; frames never resampled by the processor."""
 
 import pytest
-from conftest import random_video, tiny
+from support import random_video, tiny
 from painted import check_views, painted
 
 HALF = [0.5, 0.5, 0.5]
