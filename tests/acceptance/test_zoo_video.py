@@ -41,7 +41,7 @@ def vlm():
     return tiny("tiny-qwen2-vl-motion")
 
 
-def _clip(groups, direction="right", colour="red", hold=2, row=40):
+def _clip(groups, direction="right", colour="red", hold=2, row=42):  # a held-out row
     return Clip(direction, colour, tuple(groups), hold, (6, 92), row)
 
 

@@ -74,6 +74,23 @@ def test_zoo_model_loads_offline_and_traces_like_the_plain_forward(zoo_id):
     torch.testing.assert_close(logits, vlm.forward(inputs))
 
 
+# Fresh held-out data: a seed neither training ([0, 0]) nor the cards ([1, 1]) draw from. With
+# 20 items per kind (per class for the image models) a model at the 95% bar scores >= 0.9
+# unless it is really worse: 0.9 is the bar less ~2 standard errors of a 20-item sample.
+FRESH_SEED, FRESH_N, FRESH_BAR = 11, 20, 0.9
+
+
+@pytest.mark.parametrize("zoo_id", zoo.ZOO_IDS)
+def test_shipped_weights_clear_the_bar_on_fresh_heldout_data(zoo_id):
+    card = zoo.card(zoo_id)
+    model, processor, _ = zoo.build(zoo_id)
+    n = FRESH_N if card["architecture"]["base"] == "tiny-qwen2-vl" else FRESH_N // 4
+    got = zoo.evaluate_model(SPECS[zoo_id], model, processor, seed=FRESH_SEED, n=n)["by_kind"]
+    assert set(got) == set(card["heldout"]["by_kind"])
+    low = {k: v["accuracy"] for k, v in got.items() if v["accuracy"] < FRESH_BAR}
+    assert not low, (zoo_id, low, got)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zoo_id", zoo.ZOO_IDS)
 def test_card_heldout_numbers_are_reproduced(zoo_id):
@@ -121,3 +138,17 @@ def test_fast_training_batches_equal_the_processor_and_plain_attention():
     diff = VideoMC(model, processor).self_check(np.random.default_rng(0))
     assert diff < 1e-4
     assert vlminterp.load("tiny-qwen2-vl-motion").torch_model.config._attn_implementation == "eager"
+
+
+def test_readme_bring_your_own_method_example_finds_the_known_answer(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Bring your own method", 1)[1]
+    script = tmp_path / "byo_method.py"  # nnsight reads a trace's body back from its file
+    script.write_text(section.split("```python\n", 1)[1].split("```", 1)[0], encoding="utf-8")
+    effects = runpy.run_path(str(script))["effects"]
+    assert list(effects) == ["frames 0-3", "frames 4-7"]
+    assert effects["frames 0-3"] >= 0.9 and abs(effects["frames 4-7"]) <= 0.1, effects
+    assert str(effects) in capsys.readouterr().out
