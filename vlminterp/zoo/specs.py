@@ -81,8 +81,9 @@ SPECS = {s.zoo_id: s for s in [
                     "classifying the zoo's object images by similarity to one text per class",
         data="vlminterp.zoo.image_task (vlminterp.data.synthetic_images.zoo_image)",
         mechanism={
-            "FFN gates": "object and texture tokens switch different FFN units on: gate clusters "
-                         "separate object from background tokens",
+            "FFN gates": "intended: object and texture tokens switch different FFN units on. NOT "
+                         "learned by the seed-0 weights: k-means gate clusters (k=8, blocks 0-2) "
+                         "hold no object-majority cluster (tests/acceptance/test_zoo_clip.py)",
             "attention": "the class must reach CLS from the object's tokens: attention logits into "
                          "the object's tokens are structured (significant target-causal edges)",
         },
