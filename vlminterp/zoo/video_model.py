@@ -49,8 +49,9 @@ class VideoMC:
         self._scale = (1 / (255.0 * std)).repeat_interleave(per_channel)
         self._shift = (-mean / std).repeat_interleave(per_channel)
 
-    def _prompt_ids(self, prompt: str) -> torch.Tensor:
-        """The chat prompt's ids with the video placeholder expanded (cached per prompt)."""
+    def _prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chat prompt's ids with the video placeholder expanded, and its token types
+        (cached per prompt)."""
         if prompt not in self._ids:
             text = chat_texts(self.processor, prompt, "video", 1, True, "", "<|video_pad|>")
             dummy = np.zeros((video_task.NUM_FRAMES, video_task.SIZE, video_task.SIZE, 3), np.uint8)
