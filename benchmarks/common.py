@@ -416,3 +416,35 @@ def qwen_vision_share(vlm, inputs, reps: int = 3) -> float:
             tower.append(t2 - t1)
     v = statistics.median(tower)
     return v / max(statistics.median(full) - v, 1e-9)
+
+
+def widened(model_id: str, device: str = "cpu", hidden: int = 1536, intermediate: int = 8960,
+            heads: int = 12, kv_heads: int = 2, layers: int = 4, seed: int = 0):
+    """A tiny family's model with its language model widened to a real checkpoint's widths (the
+    2B-class defaults: 1536/8960, 12 heads of 128, 2 kv heads; ``layers`` decoder layers) and
+    its tiny vision tower and processor kept (the projector follows the LM width). With a long
+    prompt this puts the LM's cost per module near a real checkpoint's, which is what trace
+    overhead is relative to. Returns ``(vlm, plain)`` like `realistic_qwen2_vl`."""
+    import copy
+
+    from vlminterp.models import family_of, wrap
+    from vlminterp.models.tiny import seeded_model
+
+    fam = family_of(model_id)
+    model, processor = fam.tiny[model_id](seed)
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config()
+    text.hidden_size, text.intermediate_size = hidden, intermediate
+    text.num_attention_heads, text.num_key_value_heads = heads, kv_heads
+    text.num_hidden_layers, text.head_dim = layers, hidden // heads
+    if getattr(text, "layer_types", None):
+        text.layer_types = [text.layer_types[i % len(text.layer_types)] for i in range(layers)]
+    rope = getattr(text, "rope_parameters", None) or {}
+    if "mrope_section" in rope:  # the real checkpoints' split of a 128-wide head
+        rope["mrope_section"] = [16, 24, 24]
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and hasattr(vision, "out_hidden_size"):
+        vision.out_hidden_size = hidden
+    model = seeded_model(type(model), config, seed, attn_implementation="sdpa").to(device)
+    plain = copy.deepcopy(model)
+    return wrap(model, processor, f"{model_id}-{hidden}w-{layers}layers", fam), plain

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tqdm import tqdm
+
 from vlminterp.video import causal_tracing as ct
 from vlminterp.video.counterfactuals import make_counterfactuals
 from vlminterp.video.multiple_choice import mc_prompt, option_ids
@@ -26,6 +28,7 @@ from vlminterp.recipe_utils import (VIDEO_RESULT_FLAGS, RecipeError, SampleError
                                     logged_results, open_log, open_video_dataset, recipe_main,
                                     result_config, run_logged, sample_frames)
 from vlminterp.shards import start
+from vlminterp.sweep.exact import parse_memory
 from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
@@ -56,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
       f"is resized to this (default: {ct.VPRIME_SHAPE[1]}, as the original)")
     a("--layers", default="all", help="'all' (embed + every decoder layer) or e.g. 'embed,0,4:8' "
       "(default: all)")
-    a("--batch_size", type=int, default=8, help="patched conditions per forward; each forward "
-      "also holds the clean and counterfactual rows (default: 8)")
+    a("--batch_size", type=int, default=None, help="patched rows per forward (default: as "
+      "many as --max_memory holds; the run says what it chose)")
+    a("--max_memory", default=None, help="activation memory budget that sets the rows per "
+      "forward when --batch_size is not given: bytes with a unit ('4GiB', '512MiB') or a "
+      "fraction of the device's free memory ('0.5') (default: half the free GPU memory, or 2GiB "
+      "on CPU)")
     a("--direction", choices=ct.DIRECTIONS, default="denoise", help="denoise: clean -> "
       "counterfactual run (as the original); noise: counterfactual -> clean run")
     a("--min_total_effect", type=float, default=ct.MIN_TOTAL_EFFECT, help="records whose total "
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.output.stem + "_representations")
     try:
         sl, spans = check_frame_args(args.token_slice, args.swap_spans, args.num_frames)
-        if min(args.batch_size, args.num_frames, args.vprime_n, args.vprime_d,
+        max_memory = parse_memory(args.max_memory, "--max_memory")
+        if min(1 if args.batch_size is None else args.batch_size, args.num_frames, args.vprime_n, args.vprime_d,
                1 if args.limit is None else args.limit) < 1:
             raise ValueError("--batch_size, --num_frames, --vprime_n, --vprime_d and --limit must "
                              "be positive")
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = (["local_swap"] if spans else []) + ["reverse", "motion_destroy"] + \
         (["motion_only"] if args.include_motion_only else [])
     store = ActivationStore(store_dir) if args.dump_representations else None
+    chosen, said = {}, []
 
     def trace(s) -> list[dict]:
         if s.answer_index is None or not s.candidates:
@@ -113,7 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
             mc_prompt(s.question, s.candidates), option_ids(vlm, len(s.candidates)),
             s.answer_index, token_slice=str(sl), layers=layers, direction=args.direction,
             swap_spans=spans, batch_size=args.batch_size, dump=store is not None,
-            question_id=s.question_id, vprime_shape=(args.vprime_n, args.vprime_d))
+            question_id=s.question_id, vprime_shape=(args.vprime_n, args.vprime_d),
+            max_memory=max_memory, info=chosen)
+        if not said and chosen:
+            said.append(True)
+            tqdm.write(f"sweep: {chosen['strategy']} strategy, {chosen['rows_per_forward']} "
+                       f"patched rows per forward" + ("" if args.batch_size else
+                                                      " (from the memory budget)"))
         for condition, tensors in reps.items():
             store.put(f"{s.question_id}/{condition}", tensors, meta={
                 **s.scalar_extra(), "question_id": s.question_id, "condition": condition,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import nnsight
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -96,6 +95,7 @@ def cache(sites: Mapping[str, object] | Sequence[object], positions: Positions =
     in execution order. Returns ``{name: saved tensor [rows, pos, d]}`` (``[rows, pos, head,
     head_dim]`` with ``heads=``, see `vlminterp.attention`); a sequence of sites is keyed by
     index."""
+    import nnsight  # here, not at module import: keeps `--help` light
     items = sites.items() if isinstance(sites, Mapping) else enumerate(sites)
     saved = {}
     for name, site in items:

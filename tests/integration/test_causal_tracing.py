@@ -177,9 +177,15 @@ def test_batch_size_does_not_change_scores(vlm):
             "visual_frames:2:6", ["embed", 0, 1, 2, 3])
     one, _ = ct.trace_sample(*args, batch_size=1)
     many, _ = ct.trace_sample(*args, batch_size=16)
-    assert [r["layer"] for r in one] == [r["layer"] for r in many]
+    chosen = {}
+    budget, _ = ct.trace_sample(*args, max_memory=1, info=chosen)  # 1 byte: one row per forward
+    assert [r["layer"] for r in one] == [r["layer"] for r in many] == [r["layer"] for r in budget]
     np.testing.assert_allclose([r["patched_score"] for r in one],
                                [r["patched_score"] for r in many], atol=1e-5)
+    np.testing.assert_allclose([r["patched_score"] for r in budget],
+                               [r["patched_score"] for r in many], atol=1e-5)
+    assert chosen["rows_per_forward"] == 1
+    assert chosen["forwards"] == 1 + len(one)  # the recording pass, then one row per condition
 
 
 def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:

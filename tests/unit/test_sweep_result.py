@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 
 from vlminterp.plots import sweep_heatmap
 from vlminterp.sweep import Site, SweepResult, sites
+from vlminterp.sweep.exact import parse_memory
 
 
 def _result(heads=False):
@@ -60,3 +61,22 @@ def test_sites_helper():
     assert sites("z", [3]) == ["z.3"]
     with pytest.raises(ValueError, match="n_layers"):
         sites("resid")
+
+
+@given(st.integers(1, 4096), st.sampled_from([("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30),
+                                              ("MB", 10**6), ("GB", 10**9)]))
+def test_parse_memory_reads_units(n, unit):
+    name, size = unit
+    assert parse_memory(f"{n}{name}") == n * size
+    assert parse_memory(f"{n} {name.lower()}") == n * size
+
+
+@given(st.floats(0.001, 1.0))
+def test_parse_memory_reads_a_fraction(x):
+    assert parse_memory(repr(x)) == pytest.approx(x)
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "0", "4XB", "0.0", "GiB"])
+def test_parse_memory_errors_name_the_flag(text):
+    with pytest.raises(ValueError, match="^--max_memory"):
+        parse_memory(text, "--max_memory")

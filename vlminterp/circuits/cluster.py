@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float, Int, Real
-from sklearn.cluster import MiniBatchKMeans
 from torch import Tensor
 
 _PREDICT_ROWS = 8192  # tokens converted to float32 at a time when assigning labels
@@ -63,6 +62,8 @@ def cluster_gates(
     else:
         train = flat
     train = train.astype(np.float32)
+    from sklearn.cluster import MiniBatchKMeans  # here, not at module import: sklearn takes seconds
+
     kmeans = MiniBatchKMeans(n_clusters=num_clusters, random_state=seed,
                              batch_size=min(2048, max(128, train.shape[0])), n_init="auto")
     kmeans.fit(train)

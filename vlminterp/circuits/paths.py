@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float, Int
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from vlminterp.store import atomic_write
@@ -87,6 +85,9 @@ def save_head_heatmaps(prototypes: Float[Tensor, "k heads tokens"], out_dir: str
     rows = [f"{c}" if counts is None else f"{c} (n={int(counts[c])})" for c in range(k)]
     out = Path(out_dir)
     written = []
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: keeps `--help` light
+    from matplotlib.figure import Figure
+
     for head in range(heads):
         fig = Figure(figsize=(min(18.0, 3.0 + 0.06 * n), min(12.0, 1.5 + 0.3 * k)))
         FigureCanvasAgg(fig)

@@ -214,3 +214,40 @@ def write_video(path: str | os.PathLike, frames: UInt8[np.ndarray, "t h w 3"], f
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+def reference_frames(
+    path: str | os.PathLike,
+    fps: float | None = None,
+    nframes: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    total_pixels: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    patch_size: int = 14,
+) -> tuple[UInt8[np.ndarray, "t h w 3"], list[int]]:
+    """Frames sampled and resized as Qwen's reference implementation does for its checkpoints
+    (``qwen_vl_utils.fetch_video``: ``fps`` frames per second (default 2), at least 4, an even
+    count, or exactly ``nframes``; each frame resized to multiples of 2 * ``patch_size`` within
+    ``min_pixels``/``max_pixels`` and an even share of ``total_pixels``; bicubic). Returns the
+    frames (rounded to uint8, ready for `VLM.prepare`, whose processor then keeps their size)
+    and the indices of the source frames taken. Needs ``pip install 'vlminterp[qwen]'``.
+    Qwen3-VL and Qwen3.5 use ``patch_size=16``."""
+    try:
+        from qwen_vl_utils import fetch_video
+    except ImportError as error:
+        raise ImportError("reference_frames needs qwen-vl-utils: pip install 'vlminterp[qwen]'"
+                          ) from error
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if fps is not None and nframes is not None:
+        raise ValueError("reference_frames: give fps or nframes, not both")
+    options = {"fps": fps, "nframes": nframes, "min_pixels": min_pixels,
+               "max_pixels": max_pixels, "total_pixels": total_pixels,
+               "video_start": start, "video_end": end}
+    ele = {"video": str(path), **{k: v for k, v in options.items() if v is not None}}
+    video, meta = fetch_video(ele, image_patch_size=patch_size, return_video_metadata=True)
+    frames = np.clip(np.rint(video.numpy()), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(frames), [int(i) for i in meta["frames_indices"]]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-import nnsight
 import torch
 from torch import Tensor
 
@@ -53,6 +52,7 @@ def _probes(vlm, sites: list[Site], qk_layers: list[int], drop_layers=()) -> lis
 def _record(vlm, inputs, probes, src: int, dst: int, at: int, metric) -> dict:
     """One no-grad forward over the input rows: both rows at every probe (per-head layout),
     both LM inputs, position ids, mask, the destination's key/value cache, the metrics."""
+    import nnsight  # here, not at module import: keeps `--help` light
     kw = reuse.forward_kwargs(vlm, at, cache=True)
     with torch.no_grad(), vlm.trace(inputs, **kw):
         rec = nnsight.save({})
@@ -118,6 +118,7 @@ def _gradients(vlm, rec: dict, probes, rows: list, at: int, metric, per_forward:
     """Summed gradients of the metric w.r.t. every probe, per dropped layer: {drop: {key:
     [seq, ...]}}; on the LM-only path prefix positions identical in both runs come from the
     destination's cache."""
+    import nnsight  # here, not at module import: keeps `--help` light
     sums: dict = {}
     passes = 0
     wanted = [key for key, _, side in probes if side is not None and

@@ -15,9 +15,10 @@ Strategies (``strategy=``):
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 
-import nnsight
 import torch
 from torch import Tensor
 
@@ -29,11 +30,45 @@ STRATEGIES = ("auto", "rows", "layers", "layers+prefix")
 DEFAULT_CPU_MEMORY = 2 << 30
 
 
-def rows_for_memory(vlm, seq: int, max_memory: int | None = None) -> int:
-    """Patched rows per forward that fit ``max_memory`` bytes of activations (default: half of
-    the free GPU memory, or 2 GiB on CPU), from the text config's sizes: hidden and MLP
-    activations, eager [heads, seq, seq] scores, and a row's key/value cache."""
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_memory(text: str | None, flag: str = "max_memory") -> int | float | None:
+    """A memory budget: bytes with an optional unit ("4GiB", "512MB", "1e9") -> int, or a
+    fraction of the device's free memory ("0.5") -> float in (0, 1]; None stays None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{flag} {text!r}: expected bytes with a unit (4GiB, 512MiB, 2GB) or a "
+                         f"fraction of the free memory (0.5)")
+    value = float(m.group(1))
+    if not unit and "e" not in m.group(1).lower() and value <= 1:
+        if value <= 0:
+            raise ValueError(f"{flag} {text!r}: the fraction must be above 0")
+        return value
+    if value * _UNITS[unit] < 1:
+        raise ValueError(f"{flag} {text!r}: less than one byte")
+    return int(value * _UNITS[unit])
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def rows_for_memory(vlm, seq: int, max_memory: int | float | None = None) -> int:
+    """Patched rows per forward that fit ``max_memory`` bytes of activations (a float in
+    (0, 1]: that fraction of the device's free memory; default: half of the free GPU memory,
+    or 2 GiB on CPU), from the text config's sizes: hidden and MLP activations, eager [heads,
+    seq, seq] scores, and a row's key/value cache."""
     cfg = vlm.torch_model.config.get_text_config()
+    if isinstance(max_memory, float):
+        max_memory = int(max_memory * free_memory(vlm.device))
     if max_memory is None:
         if vlm.device.type == "cuda":
             max_memory = torch.cuda.mem_get_info(vlm.device)[0] // 2
@@ -55,6 +90,7 @@ def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: in
                visit=None, visit_sites=()) -> tuple[Tensor, Tensor, dict]:
     """One traced forward: rows [input rows..., patched...]; returns (metric of the input rows,
     metric of the patched rows, what ``visit(site, tensor, extra)`` put in ``extra``)."""
+    import nnsight  # here, not at module import: keeps `--help` light
     n = inputs.batch_size
     by_site: dict = {}
     for j, c in enumerate(chunk):
@@ -101,7 +137,7 @@ def _agrees(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> bool:
 
 def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int, dst: int,
                    at: int, strategy: str = "auto", rows_per_forward: int | None = None,
-                   max_memory: int | None = None, progress: bool = False, visit=None,
+                   max_memory: int | float | None = None, progress: bool = False, visit=None,
                    visit_sites=()) -> tuple[Tensor, Tensor, dict]:
     """The metric of each input row and of each condition's patched row (source row ``src``
     patched into destination row ``dst``); ``info`` says the strategy and rows per forward.

@@ -18,7 +18,6 @@ import copy
 import inspect
 from dataclasses import dataclass, field
 
-import nnsight
 import torch
 from torch import Tensor
 
@@ -92,6 +91,7 @@ def prepare(vlm, inputs, sites: list[Site], metric, *, src: int, dst: int, at: i
     """One traced forward over the input rows recording what the patched rows reuse; the
     ``probes`` conditions ride along as extra rows patched the plain way (`expand_rows` +
     `patch`), for checking the reuse path against."""
+    import nnsight  # here, not at module import: keeps `--help` light
     n = inputs.batch_size
     by_site: dict = {}
     for j, c in enumerate(probes):

@@ -14,11 +14,15 @@ For one question about a clean clip and a counterfactual clip (reversed, frames 
   None when TE = 0.
 
 Layer ``"embed"`` is the language model's input embeddings (text embeddings with the projector's
-visual tokens scattered in: the input of ``layers[0]``); layer ``i`` is ``layers[i]``'s output.
+visual tokens scattered in: the input of ``layers[0]``); layer ``i`` is the residual stream after
+``layers[i]`` (``vlm.residual(i)``: ``layers[i]``'s output, plus the visual features a deepstack
+family adds after that layer).
 
-Every condition is one extra batch row of a single traced forward: row 0 is the clean run, row 1
-the counterfactual run, row 2 + j the run patched for condition j (``batch_size`` conditions per
-forward). Frame spans ``visual_frames:a:b`` are mapped to the temporal token groups that hold the
+Every condition is one patched batch row scored by `vlminterp.sweep.run_conditions`: one forward
+over [clean, counterfactual] records the run being patched, then each patched row starts from
+that run's cached state at its layer and first patched position (``batch_size`` rows per
+forward, or what a memory budget holds; on NDIF one forward of rows [clean, counterfactual,
+patched...]); the results equal one full forward per condition (tested). Frame spans ``visual_frames:a:b`` are mapped to the temporal token groups that hold the
 frames (Qwen2-VL merges 2 frames per group); a span that cuts a group patches the whole group and
 the record says which groups and frames were really patched.
 """
@@ -175,7 +179,9 @@ def _check_rows_align(lay) -> None:
 
 def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
               direction: str = "denoise", dump: bool = False, lay=None,
-              dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE):
+              dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE,
+              rows_per_forward: int | None = None, max_memory: int | None = None,
+              info: dict | None = None):
     """Score ``chunk``'s conditions on ``pair`` (prepared rows [clean, counterfactual]) with
     `vlminterp.sweep.run_conditions`: one forward over the pair, then the patched rows, each
     starting from the counterfactual (or clean) run's cached state at its layer and first
@@ -184,7 +190,9 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     the layer output plus the visual features added after it). ``lay``: the pair's layout, if
     the caller has it. Returns (scores [2 + k], {spec: SliceInfo}, representations of rows 0
     and 1 or None); with ``dump`` the means pool over ``dump_slice`` (the run's --token_slice,
-    see `_representations`)."""
+    see `_representations`). ``rows_per_forward`` patched rows go in one forward (default: as
+    many as ``max_memory`` bytes hold, `vlminterp.sweep.exact.rows_for_memory`); ``info``, if
+    given, receives the sweep's strategy, rows per forward and forward count."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
     src, dst = pair_rows(direction, 0, 1)
@@ -204,14 +212,16 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
             reps["visual_mean"] = h[0:2, visual].mean(1).save()
             reps["vprime"] = h[0:2, visual].save()
 
-    base, patched, info = run_conditions(
+    base, patched, run_info = run_conditions(
         vlm, pair, conds, lambda logits: option_margin(logits, option_ids_, correct),
-        src=src, dst=dst, at=lay[0].last, rows_per_forward=len(chunk),
-        visit=dump_reps if dump else None,
+        src=src, dst=dst, at=lay[0].last, rows_per_forward=rows_per_forward,
+        max_memory=max_memory, visit=dump_reps if dump else None,
         visit_sites=[Site("embed")] + [Site("resid", i) for i in range(vlm.n_layers)]
         if dump else ())
+    if info is not None:
+        info.update({k: v for k, v in run_info.items() if k != "extra"})
     scores = base.tolist() + patched.tolist()
-    return scores, infos, (_representations(vlm, info["extra"], vprime_shape) if dump else None)
+    return scores, infos, (_representations(vlm, run_info["extra"], vprime_shape) if dump else None)
 
 
 def _representations(vlm, reps: dict, vprime_shape: tuple[int, int] = VPRIME_SHAPE
@@ -246,14 +256,17 @@ def _effect(direction: str, patched: float, cf: float, clean: float) -> float | 
 def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt: str,
                  option_ids_: list[int], correct: int, token_slice: str = "visual",
                  layers: list | None = None, direction: str = "denoise", swap_spans=None,
-                 batch_size: int = 8, dump: bool = False, question_id: str = "",
-                 vprime_shape: tuple[int, int] = VPRIME_SHAPE):
-    """Trace every (counterfactual, layer, slice) condition of one sample.
+                 batch_size: int | None = None, dump: bool = False, question_id: str = "",
+                 vprime_shape: tuple[int, int] = VPRIME_SHAPE, max_memory: int | None = None,
+                 info: dict | None = None):
+    """Trace every (counterfactual, layer, slice) condition of one sample: per counterfactual
+    one `run_chunk` over all its conditions, ``batch_size`` patched rows per forward (None: as
+    many as ``max_memory`` bytes hold; ``info`` receives what was chosen).
 
     Returns ``(records, representations)``: one record per condition (see the module doc), and
     with ``dump=True`` ``{"clean": tensors, counterfactual name: tensors}`` (`_representations`,
     pooled over ``token_slice``)."""
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     layers = ["embed", *range(vlm.n_layers)] if layers is None else layers
     records, reps = [], {}
@@ -262,23 +275,21 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
         pair = vlm.prepare(text=prompt, video=[clean, cf])
         lay = vlm.layout(pair)
         _check_rows_align(lay)
-        for k in range(0, len(conds), batch_size):
-            chunk = conds[k:k + batch_size]
-            want = dump and k == 0
-            scores, infos, rows = run_chunk(vlm, pair, chunk, option_ids_, correct, direction,
-                                            dump=want, lay=lay, dump_slice=conds[0].token_slice,
-                                            vprime_shape=vprime_shape)
-            if want:
-                reps.setdefault("clean", rows[0])
-                reps[name] = rows[1]
-            clean_s, cf_s = scores[0], scores[1]
-            for j, c in enumerate(chunk):
-                records.append({
-                    "question_id": question_id, "counterfactual": name, "layer": c.layer,
-                    "token_slice": c.token_slice, "role": c.role, "direction": direction,
-                    **infos[c.token_slice].record(),
-                    "clean_score": clean_s, "counterfactual_score": cf_s,
-                    "patched_score": scores[2 + j], "total_effect": clean_s - cf_s,
-                    "effect": _effect(direction, scores[2 + j], cf_s, clean_s),
-                })
+        scores, infos, rows = run_chunk(vlm, pair, conds, option_ids_, correct, direction,
+                                        dump=dump, lay=lay, dump_slice=conds[0].token_slice,
+                                        vprime_shape=vprime_shape, rows_per_forward=batch_size,
+                                        max_memory=max_memory, info=info)
+        if dump:
+            reps.setdefault("clean", rows[0])
+            reps[name] = rows[1]
+        clean_s, cf_s = scores[0], scores[1]
+        for j, c in enumerate(conds):
+            records.append({
+                "question_id": question_id, "counterfactual": name, "layer": c.layer,
+                "token_slice": c.token_slice, "role": c.role, "direction": direction,
+                **infos[c.token_slice].record(),
+                "clean_score": clean_s, "counterfactual_score": cf_s,
+                "patched_score": scores[2 + j], "total_effect": clean_s - cf_s,
+                "effect": _effect(direction, scores[2 + j], cf_s, clean_s),
+            })
     return records, reps
