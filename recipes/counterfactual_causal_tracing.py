@@ -8,7 +8,8 @@ for denoise, (clean - patched) / (clean - cf) for noise (null when clean == cf).
 to Qwen2-VL's temporal token groups (2 frames per group); records name the groups really patched.
 Writes OUTPUT (JSON), OUTPUT_heatmap.png, OUTPUT.jsonl (resume log) and, with
 --dump_representations, an activation store. Definitions: `vlminterp.video.causal_tracing`.
-Example (offline): python -m recipes.counterfactual_causal_tracing --synthetic 4 --output runs/demo/tracing.json
+Example (offline, the zoo's trained tiny-qwen2-vl-motion on synthetic videos):
+  python -m recipes.counterfactual_causal_tracing --synthetic 4 --output runs/demo/tracing.json
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipes.counterfactual_causal_tracing",
                                 description=__doc__.splitlines()[0])
     a = p.add_argument
-    add_video_args(p)
+    add_video_args(p, model_default=None)
     a("--representations_output", type=Path, help="activation store folder for "
       "--dump_representations (default: OUTPUT_representations/)")
     a("--token_slice", default="visual", help="positions to patch: visual | text | all | "
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model_id is None:  # the demo: the zoo model trained on the --synthetic videos
+        args.model_id = "tiny-qwen2-vl-motion" if args.annotations is None else "tiny-qwen2-vl"
     run = start(parser, args, argv, outputs=("output", "representations_output"))
     png = args.output.with_name(args.output.stem + "_heatmap.png")
     store_dir = args.representations_output or args.output.with_name(

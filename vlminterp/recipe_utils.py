@@ -30,10 +30,12 @@ VIDEO_RESULT_FLAGS = ("model_id", "annotations", "video_root", "synthetic", "num
                       *load_flags.RESULT_FLAGS)
 
 
-def add_video_args(p) -> None:
+def add_video_args(p, model_default: str | None = "tiny-qwen2-vl") -> None:
     """The flags every video recipe shares: data, output, model, device and loading
     (``--dtype``, ``--device_map``, ``--offload_folder``, ``--quantization``), frames, resuming,
-    ``--shard`` and NDIF (``--remote``, ``--ndif-host``, ``--ndif-api-key``)."""
+    ``--shard`` and NDIF (``--remote``, ``--ndif-host``, ``--ndif-api-key``).
+    ``model_default=None``: the recipe picks the model (the zoo's ``tiny-qwen2-vl-motion`` with
+    ``--synthetic``)."""
     from .remote import add_arguments as add_remote_arguments
 
     a = p.add_argument
@@ -42,8 +44,11 @@ def add_video_args(p) -> None:
       "(default: ANNOTATIONS_DIR/videos, else ANNOTATIONS_DIR)")
     a("--output", type=Path, required=True, help="result JSON; OUTPUT.jsonl keeps finished "
       "samples so a re-run with the same --output resumes")
-    a("--model_id", default="tiny-qwen2-vl", help="video model id or local dir (default: "
-      "tiny-qwen2-vl, offline random weights; e.g. Qwen/Qwen2-VL-7B-Instruct)")
+    default = model_default or ("tiny-qwen2-vl-motion (trained on the --synthetic data) with "
+                                "--synthetic, else tiny-qwen2-vl")
+    a("--model_id", default=model_default, help="video model id or local dir: e.g. "
+      "Qwen/Qwen2-VL-7B-Instruct, tiny-qwen2-vl (offline, random weights) or the zoo's "
+      f"tiny-qwen2-vl-motion (offline, trained on the --synthetic videos) (default: {default})")
     a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     a("--num_frames", type=int, default=8, help="frames sampled uniformly within [start, end] "
       "of each video (default: 8)")

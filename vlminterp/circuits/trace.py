@@ -54,9 +54,10 @@ def attention_logits_of(attn, x: Float[Tensor, "..."]) -> Float[Tensor, "batch h
 
 
 def clip_model_id(model: str, pretrained: str | None) -> str:
-    """The `vlminterp.load` id of ``--model`` / ``--pretrained``: ``tiny-clip-vit`` as is, else
-    ``open_clip:MODEL/PRETRAINED`` (``open_clip:MODEL``, random init, for '' or 'none')."""
-    if model == "tiny-clip-vit" or model.startswith("open_clip:"):
+    """The `vlminterp.load` id of ``--model`` / ``--pretrained``: ``tiny-clip-vit`` and the zoo's
+    ``tiny-clip-shapes`` as is, else ``open_clip:MODEL/PRETRAINED`` (``open_clip:MODEL``, random
+    init, for '' or 'none')."""
+    if model in ("tiny-clip-vit", "tiny-clip-shapes") or model.startswith("open_clip:"):
         return model
     if not pretrained or pretrained.lower() == "none":
         return f"open_clip:{model}"
@@ -65,9 +66,10 @@ def clip_model_id(model: str, pretrained: str | None) -> str:
 
 def pretrained_tag(model: str, pretrained: str | None) -> str | None:
     """The pretrained weights a trace really used, for its metadata: None for random init
-    (``tiny-clip-vit``, ``--pretrained ''``/``none``, ``open_clip:MODEL`` without a tag)."""
-    if model == "tiny-clip-vit":
-        return None
+    (``tiny-clip-vit``, ``--pretrained ''``/``none``, ``open_clip:MODEL`` without a tag); the
+    zoo id for the zoo's trained ``tiny-clip-shapes``."""
+    if model in ("tiny-clip-vit", "tiny-clip-shapes"):
+        return None if model == "tiny-clip-vit" else model
     if model.startswith("open_clip:"):
         return model.split(":", 1)[1].partition("/")[2] or None
     return None if not pretrained or pretrained.lower() == "none" else pretrained

@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,22 @@ def make_video(
     size: int = 112,
     present: tuple[int, int] | None = None,
     seed: int = 0,
+    *,
+    visible: Sequence[int] | None = None,
+    hold: int = 1,
+    path: tuple[int, int] | None = None,
+    row: int | None = None,
+    side: int | None = None,
 ) -> UInt8[np.ndarray, "t h w 3"]:
     """Frames of a square of ``colour`` moving toward ``direction``; visible only in ``present`` if given.
 
     The square's horizontal position depends on the frame index alone (it keeps moving while
-    hidden); ``seed`` picks its row.
+    hidden); ``seed`` picks its row. Optional, for the model zoo's task: ``visible`` (frame
+    indices; replaces ``present``), ``hold`` (the square moves every ``hold`` frames, so with
+    ``hold=2`` the two frames of a Qwen2-VL temporal group are identical), ``path`` (the leftmost
+    and rightmost x of the square's left edge, even; default: the frame's width less a margin),
+    ``row`` (the square's top y, even; default: drawn from ``seed``) and ``side`` (even;
+    default: `square_side`).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
@@ -69,15 +81,25 @@ def make_video(
         raise ValueError(f"need num_frames >= 2 and an even size >= 16, got {num_frames} frames of {size}px")
     present = (0, num_frames) if present is None else present
     check_span(present, num_frames, f"present '{format_span(present)}'")
-    side = square_side(size)
+    frames_shown = range(*present) if visible is None else sorted(set(int(t) for t in visible))
+    if any(not 0 <= t < num_frames for t in frames_shown):
+        raise ValueError(f"visible {list(visible)}: frame indices must be in 0..{num_frames - 1}")
+    if hold < 1 or num_frames % hold:
+        raise ValueError(f"hold {hold}: expected a positive divisor of num_frames={num_frames}")
+    side = square_side(size) if side is None else side
     margin = side // 2
-    row = int(np.random.default_rng(seed).integers(margin, size - side - margin + 1)) // 2 * 2
-    xs = np.linspace(margin, size - side - margin, num_frames) // 2 * 2
+    if row is None:
+        row = int(np.random.default_rng(seed).integers(margin, size - side - margin + 1)) // 2 * 2
+    lo, hi = (margin, size - side - margin) if path is None else path
+    if not (0 <= lo <= hi <= size - side and 0 <= row <= size - side):
+        raise ValueError(f"path {path} / row {row}: the square (side {side}) must stay inside "
+                         f"the {size}px frame")
+    xs = np.repeat(np.linspace(lo, hi, num_frames // hold) // 2 * 2, hold)
     if direction == "left":
         xs = xs[::-1]
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     frames[:] = BACKGROUND
-    for t in range(*present):
+    for t in frames_shown:
         x = int(xs[t])
         frames[t, row : row + side, x : x + side] = COLOURS[colour]
     return frames

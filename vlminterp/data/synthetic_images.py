@@ -7,7 +7,11 @@ two distractors of other categories, so the set passes Neo et al.'s curation fil
 (`coco.CocoObjects.samples`) by construction and the recipes run offline (``--synthetic N``).
 Segmentation polygons are the drawn shapes' outlines; ``area`` is the polygon's area.
 
-    python -m vlminterp.data.synthetic_images --out /tmp/objects --n 24
+``style="zoo"`` writes the model zoo's images instead (`zoo_image`): 224x224, one object of 8
+classes (`ZOO_CATEGORIES`: the 4 above plus bird, cup, boat, clock) and no other, on a grey
+background with distractor texture (grey blobs and bars, never saturated).
+
+    python -m vlminterp.data.synthetic_images --out /tmp/objects --n 24 [--style zoo]
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ CATEGORIES: dict[str, tuple[str, tuple[int, int, int]]] = {
 }
 SIZES = ((192, 144), (160, 160), (224, 128), (144, 192))
 ANNOTATIONS = "instances_synthetic.json"
+# The model zoo's style (``style="zoo"``): one object of 8 classes (a colour each) on a textured
+# background, no other object, square images so a square model view crops nothing.
+ZOO_CATEGORIES: dict[str, tuple[str, tuple[int, int, int]]] = {
+    **CATEGORIES,
+    "bird": ("triangle", (40, 80, 230)),
+    "cup": ("tall", (40, 180, 70)),
+    "boat": ("wide", (150, 60, 200)),
+    "clock": ("disc", (30, 200, 210)),
+}
+ZOO_SIZE = 224
 
 
 def shape_polygon(shape: str, cx: float, cy: float, area: float) -> list[tuple[float, float]]:
@@ -58,19 +72,25 @@ def _overlaps(a: list[float], b: list[float], margin: float = 4.0) -> bool:
                 or a[1] + a[3] + margin <= b[1] or b[1] + b[3] + margin <= a[1])
 
 
-def make_image(rng: np.random.RandomState, size: tuple[int, int], objects: list[tuple[str, float]]):
-    """Draw ``objects`` = [(category, area), ...] at random non-overlapping places.
+def make_image(rng: np.random.RandomState, size: tuple[int, int], objects: list[tuple[str, float]],
+               categories: dict | None = None, texture: bool = False):
+    """Draw ``objects`` = [(category, area), ...] at random non-overlapping places, with the
+    shapes and colours of ``categories`` (default `CATEGORIES`); ``texture`` first paints
+    grey blobs and bars over the noisy grey background (distractor texture, never saturated).
     Returns the PIL image and [(category, polygon), ...]."""
     from PIL import Image, ImageDraw
 
+    categories = CATEGORIES if categories is None else categories
     w, h = size
     base = rng.randint(110, 150)
     pixels = np.clip(base + rng.randint(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
+    if texture:
+        _texture(rng, draw, w, h)
     placed = []
     for name, area in objects:
-        shape, colour = CATEGORIES[name]
+        shape, colour = categories[name]
         for _ in range(200):
             half = math.sqrt(area) * (1.0 if shape in ("disc", "triangle") else 0.75)
             cx = rng.uniform(half + 1, w - half - 1)
@@ -87,25 +107,66 @@ def make_image(rng: np.random.RandomState, size: tuple[int, int], objects: list[
     return image, placed
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int = 0) -> Path:
+def _texture(rng: np.random.RandomState, draw, w: int, h: int) -> None:
+    """3-8 grey ellipses and bars (grey 70-190, tint <= 8 per channel)."""
+    for _ in range(rng.randint(3, 9)):
+        grey = rng.randint(70, 191)
+        fill = tuple(int(np.clip(grey + rng.randint(-8, 9), 0, 255)) for _ in range(3))
+        x0, y0 = rng.randint(-w // 4, w), rng.randint(-h // 4, h)
+        if rng.rand() < 0.5:
+            draw.ellipse((x0, y0, x0 + rng.randint(w // 8, w // 2), y0 + rng.randint(h // 8, h // 2)),
+                         fill=fill)
+        else:
+            draw.line((x0, y0, x0 + rng.randint(-w, w), y0 + rng.randint(-h, h)), fill=fill,
+                      width=int(rng.randint(3, 12)))
+
+
+def zoo_image(rng: np.random.RandomState, category: str, size: int = ZOO_SIZE,
+              center: tuple[float, float] | None = None):
+    """One zoo-style image: ``category`` (of `ZOO_CATEGORIES`) with area in [1100, 1900] px²
+    at a random place (or centred at ``center``) on a textured background. Returns
+    (PIL image, polygon)."""
+    area = rng.uniform(1100, 1900)
+    if center is None:
+        image, placed = make_image(rng, (size, size), [(category, area)], ZOO_CATEGORIES,
+                                   texture=True)
+        return image, placed[0][1]
+    from PIL import ImageDraw
+
+    image, _ = make_image(rng, (size, size), [], ZOO_CATEGORIES, texture=True)
+    shape, colour = ZOO_CATEGORIES[category]
+    polygon = shape_polygon(shape, center[0], center[1], area)
+    ImageDraw.Draw(image).polygon(polygon, fill=colour)
+    return image, polygon
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int = 0, style: str = "classic") -> Path:
     """Write ``n`` images and ``instances_synthetic.json`` under ``out_dir``; return the JSON
-    path. The same (n, seed) gives the same files."""
+    path. The same (n, seed, style) gives the same files. ``style="zoo"``: the model zoo's
+    images (`zoo_image`: one object of `ZOO_CATEGORIES`, textured background, 224x224)."""
     if n < 1:
         raise ValueError(f"n: expected at least 1 image, got {n}")
+    if style not in ("classic", "zoo"):
+        raise ValueError(f"style: expected 'classic' or 'zoo', got {style!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
-    names = list(CATEGORIES)
+    names = list(CATEGORIES if style == "classic" else ZOO_CATEGORIES)
     categories = [{"id": i + 1, "name": c, "supercategory": "synthetic"} for i, c in enumerate(names)]
     images, annotations = [], []
     for i in range(n):
-        size = SIZES[rng.randint(len(SIZES))]
         target = names[i % len(names)]
-        others = [c for c in names if c != target]
-        distractors = list(rng.choice(others, size=rng.randint(0, 3), replace=False))
-        objects = [(target, rng.uniform(1100, 1900))]
-        objects += [(d, rng.uniform(300, 2600)) for d in distractors]
-        image, placed = make_image(rng, size, objects)
+        if style == "zoo":
+            size = (ZOO_SIZE, ZOO_SIZE)
+            image, polygon = zoo_image(rng, target)
+            placed = [(target, polygon)]
+        else:
+            size = SIZES[rng.randint(len(SIZES))]
+            others = [c for c in names if c != target]
+            distractors = list(rng.choice(others, size=rng.randint(0, 3), replace=False))
+            objects = [(target, rng.uniform(1100, 1900))]
+            objects += [(d, rng.uniform(300, 2600)) for d in distractors]
+            image, placed = make_image(rng, size, objects)
         file_name = f"images/{i:05d}.png"
         image.save(out / file_name)
         images.append({"id": i + 1, "file_name": file_name, "width": size[0], "height": size[1]})
@@ -127,8 +188,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="output directory (images/ + instances_synthetic.json)")
     ap.add_argument("--n", type=int, default=24, help="number of images (default 24)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--style", choices=["classic", "zoo"], default="classic", help="classic: 4 "
+                    "classes, up to 2 distractor objects, assorted sizes; zoo: the model zoo's "
+                    "images (8 classes, one object, textured background, 224x224) (default classic)")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out, args.n, args.seed))
+    print(write_dataset(args.out, args.n, args.seed, args.style))
 
 
 if __name__ == "__main__":

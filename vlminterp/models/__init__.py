@@ -4,8 +4,8 @@ Every module of this package that defines ``FAMILY`` (or ``FAMILIES``) is a mode
 (`base.Family`); they are found at import, so adding a family means adding one file. Ids:
 the families' tiny ids (``tiny-qwen2-vl``, ``tiny-llava``, ..., built offline with seeded
 random weights; ``tiny_ids()`` lists them), ``tiny-clip-vit``, a hub id or a local directory
-saved with ``save_pretrained`` (its ``config.json`` ``model_type`` picks the family), and
-``open_clip:MODEL/PRETRAINED``.
+saved with ``save_pretrained`` (its ``config.json`` ``model_type`` picks the family),
+``open_clip:MODEL/PRETRAINED``, and the zoo's trained tiny models (`vlminterp.zoo.ZOO_IDS`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ def load(model_id: str, *, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
     if quantization not in QUANTIZATION:
         raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATION}")
+    from .. import zoo  # trained tiny models with known mechanisms (vlminterp/zoo)
+
+    if model_id in zoo.ZOO_IDS:
+        model, processor, base = zoo.build(model_id)
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        if base == "tiny-clip-vit":
+            return _load_clip(model_id, device, dtype, seed, built=(model, processor))
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        return wrap(model, processor, model_id, family_of(base))
     if model_id == "tiny-clip-vit" or model_id.startswith("open_clip:"):
         return _load_clip(model_id, device, dtype, seed)
     fam = family_of(model_id)
@@ -179,10 +189,12 @@ def _skeleton(repo_id: str) -> torch.nn.Module:
         return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(repo_id))
 
 
-def _load_clip(model_id: str, device, dtype, seed: int) -> VLM:
+def _load_clip(model_id: str, device, dtype, seed: int, built=None) -> VLM:
     from nnsight import NNsight
 
-    if model_id == "tiny-clip-vit":
+    if built is not None:  # a zoo model: (model, preprocess)
+        model, preprocess = built
+    elif model_id == "tiny-clip-vit":
         model, preprocess = tiny.build_clip_vit(seed)
         model = model.to(device=device, dtype=dtype or torch.float32)
     else:

@@ -105,17 +105,37 @@ def seeded_model(model_cls, config, seed: int, attn_implementation: str = "eager
     return model_cls(config).eval()
 
 
-def build_qwen2_vl(seed: int = 0, version: str = "2"):
-    """Tiny Qwen2-VL (version "2") or Qwen2.5-VL (version "2.5"): 4 decoder layers, 2 vision blocks."""
+def _mrope_section(head_dim: int) -> list[int]:
+    """Rotary pairs for (time, height, width): a quarter for time, the rest split evenly, as in
+    Qwen2-VL's [16, 24, 24] for head_dim 128 ([2, 3, 3] for 16)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_qwen2_vl(seed: int = 0, version: str = "2", *, hidden_size: int = 64,
+                   intermediate_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                   num_kv_heads: int = 2, vision_depth: int = 2, vision_dim: int = 32,
+                   vision_heads: int = 2, rope_theta: float = 10000.0,
+                   max_pixels: int = 112 * 112):
+    """Tiny Qwen2-VL (version "2") or Qwen2.5-VL (version "2.5"): 4 decoder layers, 2 vision blocks.
+
+    The size arguments default to the tiny model every test uses; the model zoo passes others
+    where its task needs them (its cards record them): ``max_pixels`` caps the processor's
+    frame size (56 * 56 -> 2x2 tokens per temporal group), a small ``rope_theta`` lets the
+    language model's rotary positions tell the few grid columns apart."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = dict(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                         "mrope_section": _mrope_section(hidden_size // num_heads)},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
@@ -124,13 +144,14 @@ def build_qwen2_vl(seed: int = 0, version: str = "2"):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         text_config=text,
     )
-    proc_kw = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+    proc_kw = dict(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2,
                    temporal_patch_size=2)
     if version == "2":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as cls
 
         config = Qwen2VLConfig(
-            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+            vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden_size,
+                               num_heads=vision_heads, mlp_ratio=2,
                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
             **common,
         )
@@ -140,8 +161,9 @@ def build_qwen2_vl(seed: int = 0, version: str = "2"):
         from transformers import Qwen2_5_VLProcessor as processor_cls
 
         config = Qwen2_5_VLConfig(
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                               out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+            vision_config=dict(depth=vision_depth, hidden_size=vision_dim,
+                               intermediate_size=2 * vision_dim, num_heads=vision_heads,
+                               out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
                                temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
                                tokens_per_second=2),
             **common,
@@ -160,19 +182,25 @@ def build_qwen2_vl(seed: int = 0, version: str = "2"):
     return model, processor
 
 
-def build_llava(seed: int = 0):
-    """Tiny LLaVA-1.5: CLIP vision tower (56px, patch 14 -> 16 image tokens), Llama LM of 4 layers."""
+def build_llava(seed: int = 0, *, image_size: int = 56, vision_dim: int = 32,
+                vision_layers: int = 3, hidden_size: int = 64, intermediate_size: int = 128,
+                num_layers: int = 4, num_heads: int = 4):
+    """Tiny LLaVA-1.5: CLIP vision tower (56px, patch 14 -> 16 image tokens), Llama LM of 4 layers.
+
+    Size arguments as in `build_qwen2_vl` (``image_size`` must be a multiple of 14)."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = llava_tokenizer()
     image_id = tok.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=3, num_attention_heads=2, image_size=56,
-                           patch_size=14, projection_dim=32),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=512,
+        vision_config=dict(model_type="clip_vision_model", hidden_size=vision_dim,
+                           intermediate_size=2 * vision_dim, num_hidden_layers=vision_layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=14,
+                           projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=512,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
         image_token_index=image_id, vision_feature_layer=-2,
@@ -182,7 +210,8 @@ def build_llava(seed: int = 0):
     _seeded(seed)
     model = LlavaForConditionalGeneration(config).eval()
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, do_center_crop=True,
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     processor = LlavaProcessor(
@@ -193,17 +222,19 @@ def build_llava(seed: int = 0):
     return model, processor
 
 
-def build_clip_vit(seed: int = 0):
-    """Tiny open_clip ViT: 32px images, patch 8 (4x4 grid + CLS), width 32, 3 blocks, 2 heads."""
+def build_clip_vit(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, width: int = 32,
+                   layers: int = 3):
+    """Tiny open_clip ViT: 32px images, patch 8 (4x4 grid + CLS), width 32, 3 blocks, 2 heads
+    (heads of 16 dims: width // 16 of them). Size arguments as in `build_qwen2_vl`."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     _seeded(seed)
     model = open_clip.CLIP(
         embed_dim=16,
-        vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=16, mlp_ratio=4.0, patch_size=8,
-                                 image_size=32),
+        vision_cfg=CLIPVisionCfg(layers=layers, width=width, head_width=16, mlp_ratio=4.0,
+                                 patch_size=patch_size, image_size=image_size),
         text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=1),
     ).eval()
-    preprocess = open_clip.transform.image_transform(32, is_train=False)
+    preprocess = open_clip.transform.image_transform(image_size, is_train=False)
     return model, preprocess

@@ -28,8 +28,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Model (and its loading: `vlminterp.load_flags`), data, output, resuming, ``--shard``
     and NDIF flags every neo2024 recipe takes."""
     p.add_argument("--model_id", default="tiny-llava", help="tiny-llava (offline, random weights), "
-                   "tiny-qwen2-vl, llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct or a local dir "
-                   "(default: tiny-llava)")
+                   "tiny-llava-objects (offline, the zoo's trained model; --synthetic then writes "
+                   "the zoo's images), tiny-qwen2-vl, llava-hf/llava-1.5-7b-hf, "
+                   "Qwen/Qwen2-VL-7B-Instruct or a local dir (default: tiny-llava)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--coco_annotations", type=Path, help="COCO instances_*.json (needs --image_root)")
     data.add_argument("--synthetic", type=int, metavar="N", help="generate N images with known "
@@ -120,7 +121,9 @@ def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
         from vlminterp.data.synthetic_images import write_dataset
 
         root = args.output.with_name(args.output.stem + "_synthetic")
-        annotations, image_root = write_dataset(root, args.synthetic, seed=args.seed), root
+        # the zoo's tiny-llava-objects was trained on the zoo's images: give it those
+        style = "zoo" if args.model_id == "tiny-llava-objects" else "classic"
+        annotations, image_root = write_dataset(root, args.synthetic, seed=args.seed, style=style), root
     else:
         annotations, image_root = args.coco_annotations, args.image_root
     try:

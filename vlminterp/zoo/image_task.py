@@ -1,0 +1,57 @@
+"""The objects task of ``tiny-llava-objects`` and ``tiny-clip-shapes``: one object, known class and place.
+
+Images come from `vlminterp.data.synthetic_images.zoo_image`: 224x224, a textured grey background
+(grey blobs and bars, never saturated) and one object of 8 classes (cat, dog, car, bus, bird, cup,
+boat, clock; each its own colour, 4 shapes), area 1100-1900 px², at a random place. Both models see
+an 8x8 patch grid (LLaVA: 112 px, patch 14; CLIP: 64 px, patch 8), so one cell covers 28x28
+original pixels. The class is visible only in the object's cells: everything else is texture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlminterp.data.synthetic_images import ZOO_CATEGORIES, ZOO_SIZE, zoo_image
+
+CLASSES = tuple(ZOO_CATEGORIES)
+GRID = 8
+CELL = ZOO_SIZE // GRID  # original pixels per patch-grid cell
+
+
+@dataclass
+class ImageItem:
+    image: object  # PIL image
+    category: str
+    polygon: list[tuple[float, float]]
+
+    @property
+    def label(self) -> int:
+        return CLASSES.index(self.category)
+
+    def coverage(self) -> np.ndarray:
+        """[8, 8]: the fraction of each cell the object covers (row-major cells)."""
+        from PIL import Image, ImageDraw
+
+        mask = Image.new("L", (ZOO_SIZE, ZOO_SIZE), 0)
+        ImageDraw.Draw(mask).polygon(self.polygon, fill=255)
+        m = np.asarray(mask, dtype=np.float32) / 255.0
+        return m.reshape(GRID, CELL, GRID, CELL).mean(axis=(1, 3))
+
+
+def sample_item(rng: np.random.Generator, category: str | None = None) -> ImageItem:
+    category = category or str(rng.choice(CLASSES))
+    image, polygon = zoo_image(np.random.RandomState(int(rng.integers(2**31))), category)
+    return ImageItem(image, category, polygon)
+
+
+def train_items(rng: np.random.Generator, n: int) -> list[ImageItem]:
+    return [sample_item(rng) for _ in range(n)]
+
+
+def heldout_items(seed: int, n_per_class: int) -> list[ImageItem]:
+    """``n_per_class`` images of each class from ``seed``'s held-out stream (training draws
+    from the stream ``[seed, 0]``)."""
+    rng = np.random.default_rng([seed, 1])
+    return [sample_item(rng, c) for c in CLASSES for _ in range(n_per_class)]

@@ -1,0 +1,154 @@
+"""Training and held-out scoring of ``tiny-llava-objects`` on Neo et al. 2024's three formats.
+
+Each training image gets one of: the short-VQA prompt ``What is the main object in this image?``
++ ``It is a`` -> the class word; Yes/No polling ``Is there a {class} in this image?`` (the true
+class -> Yes, another class -> No); the generative ``Describe this image.`` -> `` It is a {class}.``
++ end of text. All prompts are `vlminterp.neo2024.prompts.prompt_text`'s. Loss: cross-entropy of
+each answer token. One more term plants what Neo et al. see with the logit lens: at the LM's last
+layer, every visual token whose cell the object covers by >= 25% is trained to read out the class
+word through ``ln_final`` + ``lm_head`` (weight `LENS_WEIGHT`); background tokens get no target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlminterp.neo2024.prompts import TASKS, continuation_id, prompt_text
+from vlminterp.zoo import image_task
+
+LENS_WEIGHT = 0.5
+LENS_COVERAGE = 0.25
+FORMATS = ("vqa", "polling_yes", "polling_no", "generative")
+# polling (below) is by far the slowest to learn: it gets two thirds of the training items
+FORMAT_SHARE = {"vqa": 1.0, "polling_yes": 2.0, "polling_no": 2.0, "generative": 1.0}
+# Polling asks whether the image's class equals the asked one: no single feature of either
+# correlates with the answer (an XOR), and with the answer loss alone polling stayed at chance
+# (Yes and No logits equal) while every other format reached 100%. A second planted step makes
+# it learnable: the asked class's token itself reads Yes/No through the logit lens after layer
+# MATCH_LAYER (it can look the class up among the image tokens before it); the answer position
+# then only has to copy that.
+MATCH_LAYER = 1
+MATCH_WEIGHT = 0.5
+
+
+class ObjectsLM:
+    def __init__(self, model, processor):
+        from vlminterp.models import family_of, wrap
+
+        self.model, self.processor = model, processor
+        self.vlm = wrap(model, processor, "tiny-llava", family_of("tiny-llava"))
+        self.tok = processor.tokenizer
+        self.image_id = model.config.image_token_index
+
+    def texts(self, item: image_task.ImageItem, fmt: str, other: str) -> tuple[str, list[int]]:
+        """(prompt, answer token ids) of one format; ``other`` is the class polling_no asks about."""
+        c = item.category
+        if fmt == "vqa":
+            text = prompt_text(self.vlm, TASKS["vqa"].question, TASKS["vqa"].answer_prefix)
+            return text, [continuation_id(self.vlm, text, c)]
+        if fmt.startswith("polling"):
+            text = prompt_text(self.vlm, TASKS["polling"].question.format(
+                category=c if fmt == "polling_yes" else other))
+            return text, [continuation_id(self.vlm, text, "Yes" if fmt == "polling_yes" else "No")]
+        text = prompt_text(self.vlm, TASKS["generative"].question)
+        return text, self.tok.encode(f" It is a {c}.", add_special_tokens=False) + [self.tok.eos_token_id]
+
+    def batch(self, items, rng) -> tuple[dict, list, list, list]:
+        """(inputs with answers appended, [(row, position, target)] of the answers, of the lens
+        targets and of the polling match targets)."""
+        rows, answer_slots, lens_slots, match_slots, asked = [], [], [], [], []
+        share = np.array([FORMAT_SHARE[f] for f in FORMATS])
+        for r, item in enumerate(items):
+            fmt = str(rng.choice(FORMATS, p=share / share.sum()))
+            other = str(rng.choice([c for c in image_task.CLASSES if c != item.category]))
+            text, answer = self.texts(item, fmt, other)
+            rows.append((text, answer))
+            asked.append(None if not fmt.startswith("polling") else
+                         (item.category if fmt == "polling_yes" else other, answer[0]))
+        enc = self.processor(text=[t for t, _ in rows], images=[it.image for it in items],
+                             return_tensors="pt", padding=True)
+        lengths = enc["attention_mask"].sum(1).tolist()
+        width = max(n + len(a) for n, (_, a) in zip(lengths, rows))
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (n, (_, answer)) in enumerate(zip(lengths, rows)):
+            ids[r, :n] = enc["input_ids"][r][enc["attention_mask"][r].bool()]  # either padding side
+            ids[r, n:n + len(answer)] = torch.tensor(answer)
+            mask[r, :n + len(answer)] = 1
+            answer_slots += [(r, n - 1 + k, t) for k, t in enumerate(answer)]
+            visual = torch.nonzero(ids[r] == self.image_id).flatten()
+            cover = items[r].coverage().reshape(-1)
+            word = continuation_id(self.vlm, prompt_text(self.vlm, TASKS["vqa"].question,
+                                                         TASKS["vqa"].answer_prefix), items[r].category)
+            lens_slots += [(r, int(visual[i]), word) for i in np.nonzero(cover >= LENS_COVERAGE)[0]]
+            if asked[r] is not None:  # the asked class's token, after the image
+                where = torch.nonzero(ids[r, :n] == self.vlm.token_id(" " + asked[r][0])).flatten()
+                match_slots.append((r, int(where[-1]), asked[r][1]))
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": enc["pixel_values"]}, \
+            answer_slots, lens_slots, match_slots
+
+    def loss(self, rng: np.random.Generator, batch_size: int, progress: float = 1.0) -> torch.Tensor:
+        inputs, answers, lens, match = self.batch(image_task.train_items(rng, batch_size), rng)
+        out = self.model(**inputs, use_cache=False, output_hidden_states=bool(match))
+        logits = out.logits.float()
+
+        def ce(slots, source=logits):
+            r, p, t = (torch.tensor(v) for v in zip(*slots))
+            return F.cross_entropy(source[r, p], t)
+
+        loss = ce(answers) + (LENS_WEIGHT * ce(lens) if lens else 0.0)
+        if match:  # the logit lens after layer MATCH_LAYER at the asked class's token
+            lm = self.model.model.language_model
+            early = self.model.lm_head(lm.norm(out.hidden_states[MATCH_LAYER + 1])).float()
+            loss = loss + MATCH_WEIGHT * ce(match, early)
+        return loss
+
+    def self_check(self, rng: np.random.Generator) -> float:
+        """The appended answers tokenize as the prompt's continuation."""
+        item = image_task.sample_item(rng)
+        for fmt in FORMATS:
+            text, answer = self.texts(item, fmt, "dog" if item.category != "dog" else "cat")
+            words = self.tok.decode(answer, skip_special_tokens=True)
+            full = self.tok.encode(text + words, add_special_tokens=False)
+            head = self.tok.encode(text, add_special_tokens=False)
+            if full[:len(head)] != head or full[len(head):] != answer[:len(full) - len(head)]:
+                raise RuntimeError(f"zoo: answer of {fmt} does not continue the prompt's tokens")
+        return 0.0
+
+    def fast(self):
+        return contextlib.nullcontext()
+
+
+def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int = 4) -> dict:
+    """Accuracy per format on ``n`` held-out images per class: vqa and polling by Neo et al.'s
+    first-token rule at the last position, generative by whether greedy text names the class."""
+    from vlminterp.models import family_of, wrap
+    from vlminterp.neo2024.prompts import names_object, prompt_inputs, score
+
+    vlm = wrap(model, processor, base, family_of(base))
+    items = image_task.heldout_items(seed, n)
+    rng = np.random.default_rng([seed, 2])
+    hits = {f: [] for f in FORMATS}
+    for c in image_task.CLASSES:
+        mine = [it for it in items if it.category == c]
+        others = [it for it in items if it.category != c]
+        asked = [others[i] for i in rng.choice(len(others), len(mine), replace=False)]
+        for fmt, group in (("vqa", mine), ("polling_yes", mine), ("polling_no", asked)):
+            question = TASKS["polling" if fmt.startswith("polling") else "vqa"].question.format(category=c)
+            prefix = TASKS["vqa"].answer_prefix if fmt == "vqa" else ""
+            inputs = prompt_inputs(vlm, [it.image for it in group], question, prefix)
+            word = c if fmt == "vqa" else ("Yes" if fmt == "polling_yes" else "No")
+            answer = continuation_id(vlm, prompt_text(vlm, question, prefix), word)
+            logits = vlm.forward(inputs)[:, -1]
+            hits[fmt] += [s["correct"] for s in score(vlm, logits, answer)]
+        inputs = prompt_inputs(vlm, [it.image for it in mine[:generate_n]], TASKS["generative"].question)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        texts = vlm.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits["generative"] += [names_object(t, c) for t in texts]
+    return {f: {"accuracy": float(np.mean(h)), "n": len(h)} for f, h in hits.items()}

@@ -1,0 +1,91 @@
+"""What each zoo model is: its architecture (a tiny builder + sizes), its task and how it trains.
+
+A new zoo model is one more `ZooSpec`: the training script takes the builder by name, so the
+motion task can be trained on another video family's tiny builder without code changes
+(``python -m vlminterp.zoo.train tiny-qwen2-vl-motion --builder module:function``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    zoo_id: str
+    base: str  # the random-weight tiny id of the same architecture (`vlminterp.load`)
+    builder: str  # "module:function" returning (torch_model, processor)
+    builder_kwargs: dict
+    task: str  # "module:Class" with loss(rng, batch_size), fast(), and evaluate(...) in its module
+    steps: int
+    batch_size: int
+    lr: float
+    eval_n: int  # held-out items per question kind (or per class) on the card
+    storage_dtype: str = "float32"
+    description: str = ""
+    data: str = ""
+    mechanism: dict = field(default_factory=dict)
+
+
+SPECS = {s.zoo_id: s for s in [
+    ZooSpec(
+        zoo_id="tiny-qwen2-vl-motion", base="tiny-qwen2-vl",
+        builder="vlminterp.models.tiny:build_qwen2_vl",
+        builder_kwargs={"max_pixels": 56 * 56, "rope_theta": 2.0},
+        task="vlminterp.zoo.video_model:VideoMC", steps=1200, batch_size=32, lr=2e-3, eval_n=200,
+        description="Qwen2-VL answering multiple-choice questions about a moving coloured square "
+                    "(8 frames, resized by its processor to 56x56: 4 temporal groups of 2x2 "
+                    "tokens; rope_theta 2 so the LM's rotary positions tell grid columns apart)",
+        data="vlminterp.zoo.video_task (clips from vlminterp.data.synthetic.make_video)",
+        mechanism={
+            "direction": "needs the square's x in >= 2 temporal groups (on hold=2 clips no group "
+                         "shows motion); all of it enters through the visual tokens",
+            "colour": "any visible frame suffices; planted: a reversed clip gets the same letter "
+                      "logits (consistency loss), so its total effect is < 0.05 logits",
+            "first_half / second_half": "only that half's two temporal groups decide the answer "
+                                        "(the other half is independent of it by construction)",
+            "presence": "both halves",
+            "training aids": "a linear probe on the projector's tokens (square in cell + colour, "
+                             "discarded) and bigger squares early (a curriculum); held-out clips "
+                             "use square rows training never drew",
+        },
+    ),
+    ZooSpec(
+        zoo_id="tiny-llava-objects", base="tiny-llava",
+        builder="vlminterp.models.tiny:build_llava", builder_kwargs={"image_size": 112},
+        task="vlminterp.zoo.llava_objects:ObjectsLM", steps=1400, batch_size=32, lr=3e-3,
+        eval_n=50,
+        description="LLaVA-1.5 (CLIP tower at 112 px = 8x8 image tokens) naming the one object "
+                    "of 8 classes in Neo et al. 2024's formats: short VQA ('It is a' -> class), "
+                    "Yes/No polling, generative description",
+        data="vlminterp.zoo.image_task (vlminterp.data.synthetic_images.zoo_image)",
+        mechanism={
+            "object tokens": "the class is visible only in the object's cells; mean-ablating "
+                             "them (+1 buffer ring) at the LM input removes the answer, random "
+                             "tokens of the same count do not",
+            "logit lens": "planted: visual tokens of cells the object covers >= 25% read out "
+                          "the class word at the last layer (auxiliary loss, weight 0.5)",
+            "attention": "the last position reads the class from the object's tokens: "
+                         "knocking out object -> last breaks the answer, background -> last not",
+            "polling": "planted: the asked class's token reads Yes/No through the logit lens "
+                       "after layer 1 (auxiliary loss, weight 0.5); the answer copies it",
+        },
+    ),
+    ZooSpec(
+        zoo_id="tiny-clip-shapes", base="tiny-clip-vit",
+        builder="vlminterp.models.tiny:build_clip_vit",
+        builder_kwargs={"image_size": 64, "patch_size": 8},
+        task="vlminterp.zoo.clip_shapes:ShapesCLIP", steps=600, batch_size=64, lr=2e-3,
+        eval_n=50,
+        description="open_clip ViT (64 px, patch 8 = 8x8 grid + CLS, width 32, 3 blocks) "
+                    "classifying the zoo's object images by similarity to one text per class",
+        data="vlminterp.zoo.image_task (vlminterp.data.synthetic_images.zoo_image)",
+        mechanism={
+            "FFN gates": "intended: object and texture tokens switch different FFN units on. NOT "
+                         "learned by the seed-0 weights: k-means gate clusters (k=8, blocks 0-2) "
+                         "hold no object-majority cluster (tests/acceptance/test_zoo_clip.py)",
+            "attention": "the class must reach CLS from the object's tokens: attention logits into "
+                         "the object's tokens are structured (significant target-causal edges)",
+        },
+    ),
+]}
