@@ -26,13 +26,15 @@ from vlminterp.neo2024.ablation import (ablated_generate, ablated_logits, datase
                                         lm_input_visual, object_ablation, run_task)
 from vlminterp.neo2024.cli import (add_common_args, add_questions_arg, check_args, load_model,
                                    load_samples, run_info, run_samples)
-from vlminterp.neo2024.knockout import (PAIRS, attention_knockout, knockout_blocks, knockout_logits,
-                                        knockout_sets, layer_groups, sliding_windows)
+from vlminterp.neo2024.knockout import (PAIRS, attention_knockout, knockout_blocks, knockout_layers,
+                                        knockout_logits, knockout_sets, last_view, layer_groups,
+                                        layer_sets, sliding_windows)
 from vlminterp.neo2024.lens import (lens_figures, lens_image, lens_view, logit_lens_topk,
-                                    word_token_ids, write_lens_html)
-from vlminterp.neo2024.prompts import (ANSWER_PREFIX, TASKS, Task, continuation_id,
+                                    shown_view, word_token_ids, write_lens_html)
+from vlminterp.neo2024.prompts import (ANSWER_PREFIX, TASKS, Prompt, Task, answer_id,
+                                       batch_inputs, reply_separator,
                                        first_token_match, load_questions, names_object,
-                                       prompt_inputs, prompt_text, question_for, score,
+                                       prompt_inputs, question_for, score,
                                        task_inputs, token_text, vqa_task)
 from vlminterp.neo2024.subsets import (integrated_gradients, object_indices, random_indices,
                                        register_indices, subset_sizes, top_indices)
@@ -41,14 +43,15 @@ from vlminterp.neo2024.summaries import (mean_ci, plot_ablation, plot_knockout, 
 
 __all__ = [
     "ANSWER_PREFIX", "TASKS", "Task", "ablated_generate", "ablated_logits", "add_common_args",
-    "add_questions_arg", "attention_knockout", "check_args", "continuation_id", "dataset_mean",
-    "first_token_match", "integrated_gradients", "knockout_blocks", "knockout_logits", "knockout_sets",
+    "add_questions_arg", "attention_knockout", "check_args", "answer_id", "batch_inputs", "dataset_mean",
+    "first_token_match", "integrated_gradients", "knockout_blocks", "knockout_layers", "knockout_logits", "knockout_sets",
+    "last_view", "layer_sets",
     "PAIRS",
     "layer_groups", "lens_figures", "lens_image", "lens_view", "lm_input_visual", "load_model",
     "load_questions", "load_samples", "logit_lens_topk", "mean_ci", "names_object",
     "object_ablation", "object_indices", "plot_ablation", "plot_knockout", "plot_lens",
-    "prompt_inputs", "prompt_text", "question_for", "random_indices", "rate", "register_indices",
-    "run_info", "run_samples", "run_task", "score", "sliding_windows", "subset_sizes",
+    "Prompt", "prompt_inputs", "question_for", "reply_separator", "random_indices", "rate", "register_indices",
+    "run_info", "run_samples", "run_task", "score", "shown_view", "sliding_windows", "subset_sizes",
     "summarize_ablation", "summarize_knockout", "summarize_lens", "task_inputs", "token_text",
     "top_indices", "vqa_task", "word_token_ids", "write_lens_html",
 ]
