@@ -2,6 +2,7 @@
 the object in every view, as a region painted through the real processor and model shows; the
 knockout's last row and layers; the lens's drawn view; prompts without a chat template."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from support import tiny
 
 from vlminterp import neo2024 as neo
-from vlminterp.data.coco import ObjectSample
+from vlminterp.data.coco import CocoObjects, ObjectSample
 from vlminterp.models.resolve import language_model
 
 # (width, height) and an object box per family: LLaVA-NeXT cuts 80x64 into a base view and 2x2
@@ -205,3 +206,43 @@ def test_prompt_batch_rows_equal_single_prompts(model_id):
         single = neo.prompt_inputs(vlm, [image], p.question, p.answer_prefix)["input_ids"][0]
         assert batch["input_ids"][r, :len(single)].tolist() == single.tolist()
         assert batch["attention_mask"][r].sum() == len(single)
+
+
+def _lm_input(vlm, inputs) -> torch.Tensor:
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = language_model(vlm.torch_model).layers[0].register_forward_pre_hook(
+        grab, with_kwargs=True)
+    try:
+        vlm.forward(inputs)
+    finally:
+        handle.remove()
+    return seen["h"][0]
+
+
+def test_dataset_mean_weighs_every_visual_token_once(tmp_path):
+    """Two images cut into different numbers of InternVL tiles: the mean is the mean over all
+    their patch tokens (every view, no separator or marker), not the mean of per-image means."""
+    vlm = tiny("tiny-internvl")
+    images = {1: _images((20, 20, 50, 44), (80, 64))[1], 2: _images((10, 10, 30, 30), (32, 32))[1]}
+    for i, image in images.items():
+        image.save(tmp_path / f"{i}.png")
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.png", "width": im.size[0], "height": im.size[1]}
+                   for i, im in images.items()],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 8, 8],
+                         "area": 64} for i in images],
+        "categories": [{"id": 1, "name": "cat"}]}))
+    coco = CocoObjects(tmp_path / "ann.json", tmp_path)
+    samples = coco.samples(False)
+    tokens = []
+    for i, image in images.items():
+        inputs = neo.prompt_inputs(vlm, [image], neo.TASKS["generative"].question)
+        tokens.append(_lm_input(vlm, inputs)[vlm.layout(inputs)[0].visual])
+    assert len(tokens[0]) != len(tokens[1])
+    mean = neo.dataset_mean(vlm, coco, samples, tmp_path / "mean", progress=False)
+    torch.testing.assert_close(mean, torch.cat(tokens).mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mean, (tokens[0].mean(0) + tokens[1].mean(0)) / 2, atol=1e-4)

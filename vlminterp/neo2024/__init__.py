@@ -4,15 +4,18 @@
 LLaVA keeps object information: mean-ablating the visual tokens at the object's place in the
 LM input breaks identification; the logit lens shows visual tokens turning into words of the
 object late in the LM; blocking attention from object tokens to the last position in middle
-to late layers hurts the answer. Everything here speaks standard names and layouts, so it runs
-on LLaVA-1.5 and Qwen2-VL alike.
+to late layers hurts the answer. Everything here speaks standard names, layouts and
+`VLM.prepare`, so it runs on every image family (LLaVA-1.5, the original's, and tiled ones:
+LLaVA-NeXT, InternVL, SmolVLM, ...) with no per-family branch.
 
-- `prompts`: the tasks, ``USER: <image>\\n{question} ASSISTANT: It is a`` on LLaVA (the
-  family's chat template + the same answer prefix elsewhere), and `score`: one forward, argmax
-  at the last position, correct when the object's first token (as it follows the prompt)
-  starts with the decoded argmax token.
-- `subsets`: token subsets as indices into the row's visual tokens (``layout.visual``), so one
-  subset serves prompts of any length; integrated gradients at the LM input.
+- `prompts`: the tasks as `Prompt` (question, answer prefix) put into each family's own format
+  by `VLM.prepare` (``USER: <image>\\n{question} ASSISTANT: It is a`` on LLaVA-1.5, a chat
+  template elsewhere, PaliGemma's prefix + reply), and `score`: one forward, argmax at the last
+  position, correct when the object's first token (as it follows the prompt) starts with the
+  decoded argmax token.
+- `subsets`: token subsets as indices into the row's visual tokens (``layout.visual``: the
+  patch tokens of every view), so one subset serves prompts of any length; the object's cells
+  in every view with a pixel geometry; integrated gradients at the LM input.
 - `ablation`: mean ablation at the LM input (what ``vlm.layers[0]`` reads, the projected image
   features merged in) with `vlminterp.interventions.ablate`.
 - `knockout`: attention knockout per batch row with

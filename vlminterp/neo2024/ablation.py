@@ -33,12 +33,13 @@ def lm_input_visual(vlm, inputs: ModelInputs, row: int = 0) -> Float[Tensor, "n 
 def dataset_mean(vlm, coco: CocoObjects, samples, store_dir: Path, progress: bool = True
                  ) -> Float[Tensor, "d"]:
     """Mean visual token at the LM input over the dataset's images (the ablation vector and
-    the integrated-gradients baseline). Each image's mean is kept in an `ActivationStore`
-    under ``store_dir`` (reruns reuse it); the result is `streaming_mean` over images — the
-    token mean when every image has the same token count, as on LLaVA."""
+    the integrated-gradients baseline): every patch token of every view counts once, so an
+    image cut into more tiles weighs more (on LLaVA-1.5 every image has 576 tokens and this is
+    the mean of the images' means). Each image's mean and token count are kept in an
+    `ActivationStore` under ``store_dir`` (reruns reuse them)."""
     from tqdm import tqdm
 
-    from vlminterp.store import ActivationStore, streaming_mean
+    from vlminterp.store import ActivationStore
 
     store = ActivationStore(store_dir)
     todo = {f"image:{s.image_id}": s for s in samples}
@@ -47,7 +48,14 @@ def dataset_mean(vlm, coco: CocoObjects, samples, store_dir: Path, progress: boo
         inputs = prompt_inputs(vlm, [coco.load_image(s)], TASKS["generative"].question)
         visual = lm_input_visual(vlm, inputs)
         store.put(key, {"mean": visual.mean(0)}, meta={"n_visual": len(visual)})
-    return streaming_mean(store, "mean")
+    total, count = None, 0
+    for key in store.keys():
+        n = int(store.meta(key)["n_visual"])
+        part = store.get(key, ["mean"])["mean"].double() * n
+        total, count = (part if total is None else total + part), count + n
+    if total is None:
+        raise ValueError(f"{store_dir}: no image to average (the mean vector's store is empty)")
+    return (total / count).float()
 
 
 def _ablate_rows(vlm, positions_per_row, mean: Float[Tensor, "d"]) -> None:
