@@ -40,7 +40,8 @@ def _append(vlm, inputs: ModelInputs, ids: list[list[int]], left: bool) -> Model
     rows = []
     for b in range(inputs.batch_size):
         real = inputs["attention_mask"][b].bool()
-        rows.append((torch.cat([inputs["input_ids"][b, real], torch.tensor(ids[b], dtype=torch.long)]),
+        reply = torch.tensor(ids[b], dtype=torch.long)
+        rows.append((torch.cat([inputs["input_ids"][b, real], reply]),
                      torch.cat([inputs["token_type_ids"][b, real], torch.ones(len(ids[b]))])))
     width = max(len(r[0]) for r in rows)
     out = {k: torch.zeros(len(rows), width, dtype=torch.long)

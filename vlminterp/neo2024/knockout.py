@@ -83,7 +83,8 @@ def layer_sets(n_layers: int, allowed, window: int | None = None, groups: bool =
     layers (default: 9 of 32, scaled to the depth), each cut down to the ``allowed`` layers;
     a set left empty is dropped. Groups and windows keep their depth-scaled meaning."""
     sets = dict(layer_groups(n_layers)) if groups else {}
-    sets.update(sliding_windows(n_layers, window or max(1, int(math.floor(9 * n_layers / 32 + 0.5)))))
+    width = window or max(1, int(math.floor(9 * n_layers / 32 + 0.5)))
+    sets.update(sliding_windows(n_layers, width))
     allowed = set(allowed)
     kept = {name: [i for i in layers if i in allowed] for name, layers in sets.items()}
     return {name: layers for name, layers in kept.items() if layers}

@@ -124,7 +124,8 @@ def answer_id(vlm, image, prompt: Prompt, word: str, inputs: ModelInputs | None 
     holds for every family's prompt format and tokenizer."""
     inputs = inputs if inputs is not None else prompt_inputs(vlm, [image], prompt.question,
                                                              prompt.answer_prefix)
-    longer = vlm.prepare(text=prompt.question, images=[image], answer_prefix=prompt.reply(vlm, word))
+    longer = vlm.prepare(text=prompt.question, images=[image],
+                         answer_prefix=prompt.reply(vlm, word))
     head, full = (_real_ids(x) for x in (inputs, longer))
     if len(full) > len(head) and torch.equal(full[:len(head)], head):
         return int(full[len(head)])
