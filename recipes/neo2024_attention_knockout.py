@@ -1,13 +1,16 @@
 """Neo et al. 2024, experiment 3: block attention from visual sources to target positions over
 groups of layers and sliding windows, and measure the object identification answer.
 
-Sources (keys): obj_b0/obj_b1/obj_b2 (object cells with 0/1/2 buffer rings), image_minus_obj_b1,
-visual. Targets (queries): last (the answer position), last_row (the image's bottom row of
-tokens), text (text after the image, the last position excluded). As in the original, every
+Sources (keys): obj_b0/obj_b1/obj_b2 (object cells with 0/1/2 buffer rings, in every view of a
+tiled image), image_minus_obj_b1, visual (every view's patch tokens). Targets (queries): last
+(the answer position), last_row (the image's bottom row of tokens; on a tiled image the bottom
+row of the view that ends last in the sequence), text (prompt text after the image, markers and
+the last position excluded). As in the original, every
 (target, source) pair is cut, a position from itself included when it is both (last_row and the
 object cells overlap); --knockout_pairs no_self keeps that self-attention. Layer sets: the
 original's early 0-9, mid 11-20, late 21-31, early_mid 5-14, mid_late 15-24 and all (scaled
-from 32 layers to the model's depth) and windows of --window layers.
+from 32 layers to the model's depth) and windows of --window layers, each cut down to --layers
+(default: every layer with softmax attention; a set left empty is dropped).
 Writes the JSON, <stem>.jsonl (per-image log, reruns resume), <stem>.png (answer-probability
 change per window, target --plot_target) and <stem>_groups.png (accuracy per layer group).
 
@@ -32,7 +35,7 @@ from vlminterp.shards import start
 from vlminterp.store import write_json_atomic
 
 RESULT_FLAGS = COMMON_RESULT_FLAGS + ("questions", "sources", "targets", "window", "no_groups",
-                                      "knockout_pairs")
+                                      "knockout_pairs", "layers")
 
 SOURCES = ("obj_b0", "obj_b1", "obj_b2", "image_minus_obj_b1", "visual")
 TARGETS = ("last", "last_row", "text")
@@ -43,6 +46,18 @@ def _names(p, flag: str, value: str, allowed) -> list[str]:
     if not names or any(n not in allowed for n in names):
         p.error(f"--{flag}: expected a comma list of {', '.join(allowed)}, got {value!r}")
     return names
+
+
+def _layers(p, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        layers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        p.error(f"--layers: expected a comma list of layer numbers, got {value!r}")
+    return layers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window width in layers (default: 9 of 32, scaled to the depth)")
     p.add_argument("--no_groups", action="store_true", help="sliding windows only, no layer groups")
+    p.add_argument("--layers", default=None, help="comma list of the decoder layers knockout may "
+                   "use; groups and windows keep only these (default: every layer with softmax "
+                   "attention; Qwen3.5's and MiniCPM-V's Gated-DeltaNet layers have none, and "
+                   "naming one is an error)")
     p.add_argument("--knockout_pairs", choices=neo.PAIRS, default="product",
                    help="edges a (source, target) set cuts: product = every target from every source, "
                         "a position from itself included where the sets overlap (the original's); "
@@ -74,11 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
     neo.check_args(parser, args)
     sources = _names(parser, "sources", args.sources, SOURCES)
     targets = _names(parser, "targets", args.targets, TARGETS)
+    layers = _layers(parser, args.layers)
     stem = args.output.with_suffix("")
     with as_recipe_errors():
         log = open_results_log(args, RESULT_FLAGS, outputs=[Path(f"{stem}.png"),
                                                             Path(f"{stem}_groups.png")])
         vlm = neo.load_model(args)
+        allowed = neo.knockout_layers(vlm, layers)
         coco, samples = neo.load_samples(args)
         samples = run.take(samples, key=lambda s: s.key)
         questions = neo.load_questions(args.questions)
@@ -86,13 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
         vlm, coco.load_image(s), s, window=args.window, groups=not args.no_groups,
         sources=sources, targets=targets, batch_size=args.batch_size, keep_all=args.keep_all,
         use_polygons=not args.use_boxes, question=neo.question_for(questions, s),
-        pairs=args.knockout_pairs))
+        pairs=args.knockout_pairs, layers=allowed))
     records, errors = results(samples, log)
     summary = neo.summarize_knockout(records, args.seed)
     pngs = neo.plot_knockout(summary, args.plot_target, stem, vlm.model_id)
     result = {"experiment": "neo2024_attention_knockout", "model_id": vlm.model_id,
               "settings": neo.run_info(args, sources=sources, targets=targets,
-                                       layer_groups=neo.layer_groups(vlm.n_layers)),
+                                       layer_sets=neo.layer_sets(vlm.n_layers, allowed,
+                                                                 args.window, not args.no_groups)),
               "n_samples": len(samples), "errors": errors, "summary": summary,
               "records": records}
     write_json_atomic(args.output, result)

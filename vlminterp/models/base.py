@@ -177,12 +177,12 @@ class VLM:
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare(self, text=None, images=None, video=None, *, chat: bool = True,
-                answer_prefix: str = "", **kwargs) -> ModelInputs:
+                answer_prefix: str | list[str] = "", **kwargs) -> ModelInputs:
         """Model inputs for a batch. ``text`` is one string or one per row; ``images`` one
         image per row; ``video`` one ``[T,H,W,C]`` uint8 array per row. With ``chat=True``
         the family's chat template wraps each row (user turn + generation prompt) and
-        ``answer_prefix`` is appended; with ``chat=False`` the text is used verbatim and
-        must already hold the family's image/video placeholder."""
+        ``answer_prefix`` is appended (one string, or one per row); with ``chat=False`` the
+        text is used verbatim and must already hold the family's image/video placeholder."""
         from .layouts import prepare
 
         return (self.family.prepare or prepare)(self, text=text, images=images, video=video,

@@ -15,7 +15,7 @@ import torch
 from ..tokens import ImageGeometry, ImageSpan, TokenLayout
 from . import tiny
 from .base import Family, ModelInputs
-from .common import as_list
+from .common import answer_prefixes, as_list
 from .gemma3 import gemma_tokenizer
 from .layouts import finish_row, prepare as generic_prepare, visual_runs
 
@@ -26,20 +26,24 @@ def prepare(vlm, *, text=None, images=None, video=None, chat=True, answer_prefix
     inputs = generic_prepare(vlm, text=texts, images=images, video=video, chat=False,
                              answer_prefix="", **kw)
     inputs.pop("labels", None)
-    if answer_prefix:
-        inputs = _append(vlm, inputs, vlm.tokenizer.encode(answer_prefix, add_special_tokens=False))
+    prefixes = answer_prefixes(answer_prefix, inputs.batch_size)
+    if any(prefixes):
+        side = kw.get("padding_side", vlm.tokenizer.padding_side)
+        inputs = _append(vlm, inputs, [vlm.tokenizer.encode(p, add_special_tokens=False)
+                                       for p in prefixes], left=side == "left")
     return inputs
 
 
-def _append(vlm, inputs: ModelInputs, ids: list[int]) -> ModelInputs:
-    """Append the answer's first tokens after each row's prefix (causal, token type 1: as
-    generated tokens), padded again on the tokenizer's side."""
+def _append(vlm, inputs: ModelInputs, ids: list[list[int]], left: bool) -> ModelInputs:
+    """Append each row's answer tokens ``ids[row]`` after its prefix (causal, token type 1: as
+    generated tokens), padded again on the left or the right."""
     rows = []
     for b in range(inputs.batch_size):
         real = inputs["attention_mask"][b].bool()
-        rows.append((torch.cat([inputs["input_ids"][b, real], torch.tensor(ids)]),
-                     torch.cat([inputs["token_type_ids"][b, real], torch.ones(len(ids))])))
-    width, left = max(len(r[0]) for r in rows), vlm.tokenizer.padding_side == "left"
+        reply = torch.tensor(ids[b], dtype=torch.long)
+        rows.append((torch.cat([inputs["input_ids"][b, real], reply]),
+                     torch.cat([inputs["token_type_ids"][b, real], torch.ones(len(ids[b]))])))
+    width = max(len(r[0]) for r in rows)
     out = {k: torch.zeros(len(rows), width, dtype=torch.long)
            for k in ("input_ids", "attention_mask", "token_type_ids")}
     out["input_ids"].fill_(vlm.tokenizer.pad_token_id)

@@ -15,8 +15,8 @@ from torch import Tensor
 from vlminterp.data.coco import CocoObjects, ObjectSample
 from vlminterp.interventions import ablate, expand_rows
 from vlminterp.models.base import ModelInputs
-from vlminterp.neo2024.prompts import (TASKS, Task, names_object, prompt_inputs, repeat_inputs,
-                                       score, task_inputs, vqa_task)
+from vlminterp.neo2024.prompts import (TASKS, Prompt, Task, batch_inputs, names_object,
+                                       prompt_inputs, repeat_inputs, score, task_inputs, vqa_task)
 from vlminterp.neo2024.subsets import (integrated_gradients, object_indices, random_indices,
                                        register_indices, subset_sizes, top_indices)
 
@@ -33,12 +33,13 @@ def lm_input_visual(vlm, inputs: ModelInputs, row: int = 0) -> Float[Tensor, "n 
 def dataset_mean(vlm, coco: CocoObjects, samples, store_dir: Path, progress: bool = True
                  ) -> Float[Tensor, "d"]:
     """Mean visual token at the LM input over the dataset's images (the ablation vector and
-    the integrated-gradients baseline). Each image's mean is kept in an `ActivationStore`
-    under ``store_dir`` (reruns reuse it); the result is `streaming_mean` over images — the
-    token mean when every image has the same token count, as on LLaVA."""
+    the integrated-gradients baseline): every patch token of every view counts once, so an
+    image cut into more tiles weighs more (on LLaVA-1.5 every image has 576 tokens and this is
+    the mean of the images' means). Each image's mean and token count are kept in an
+    `ActivationStore` under ``store_dir`` (reruns reuse them)."""
     from tqdm import tqdm
 
-    from vlminterp.store import ActivationStore, streaming_mean
+    from vlminterp.store import ActivationStore
 
     store = ActivationStore(store_dir)
     todo = {f"image:{s.image_id}": s for s in samples}
@@ -47,7 +48,14 @@ def dataset_mean(vlm, coco: CocoObjects, samples, store_dir: Path, progress: boo
         inputs = prompt_inputs(vlm, [coco.load_image(s)], TASKS["generative"].question)
         visual = lm_input_visual(vlm, inputs)
         store.put(key, {"mean": visual.mean(0)}, meta={"n_visual": len(visual)})
-    return streaming_mean(store, "mean")
+    total, count = None, 0
+    for key in store.keys():
+        n = int(store.meta(key)["n_visual"])
+        part = store.get(key, ["mean"])["mean"].double() * n
+        total, count = (part if total is None else total + part), count + n
+    if total is None:
+        raise ValueError(f"{store_dir}: no image to average (the mean vector's store is empty)")
+    return (total / count).float()
 
 
 def _ablate_rows(vlm, positions_per_row, mean: Float[Tensor, "d"]) -> None:
@@ -115,14 +123,13 @@ def run_task(vlm, task: Task, inputs: ModelInputs, answer_id: int, category: str
     return score(vlm, ablated_logits(vlm, inputs, positions_per_row, mean, batch_size), answer_id)
 
 
-def _scored_tasks(vlm, image, texts: dict[str, str], answers: dict[str, int], conditions,
+def _scored_tasks(vlm, image, prompts: dict[str, Prompt], answers: dict[str, int], conditions,
                   mean: Float[Tensor, "d"], batch_size: int) -> tuple[dict, ModelInputs]:
     """The first-token tasks (vqa, polling) as rows of one batch: each prompt processed once
-    (right-padded), ``conditions`` = [(task, positions into the visual tokens or None)] scored
+    (right-padded), ``conditions`` = [(task, indices into the visual tokens or None)] scored
     ``batch_size`` rows per forward. Returns ({task: [result per condition]}, the batch)."""
-    names = list(texts)
-    inputs = vlm.prepare(text=[texts[t] for t in names], images=[image] * len(names),
-                         chat=False, padding_side="right")
+    names = list(prompts)
+    inputs = batch_inputs(vlm, image, [prompts[t] for t in names], padding_side="right")
     lay = vlm.layout(inputs)
     rows = [(names.index(t), None if idx is None else lay[names.index(t)].visual[idx])
             for t, idx in conditions]
@@ -163,12 +170,12 @@ def _run(vlm, image, sample: ObjectSample, prepared: dict, tasks, index_sets,
     """{task: one result per entry of ``index_sets`` (indices into the visual tokens, or None
     = unablated)}: the first-token tasks as rows of shared forwards, the generative one as
     rows of shared generations."""
-    texts = {t: prepared[t][1] for t in tasks if not TASKS[t].generate}
+    prompts = {t: prepared[t][1] for t in tasks if not TASKS[t].generate}
     answers = {t: prepared[t][2] for t in tasks}
     out: dict = {}
-    if texts:
-        out, _ = _scored_tasks(vlm, image, texts, answers,
-                               [(t, idx) for t in texts for idx in index_sets], mean, batch_size)
+    if prompts:
+        out, _ = _scored_tasks(vlm, image, prompts, answers,
+                               [(t, idx) for t in prompts for idx in index_sets], mean, batch_size)
     for t in tasks:
         if TASKS[t].generate:
             inputs = prepared[t][0]
@@ -195,8 +202,8 @@ def object_ablation(vlm, image, sample: ObjectSample, mean: Float[Tensor, "d"], 
     prepared = {t: task_inputs(vlm, image, vqa_task(question) if t == "vqa" else TASKS[t],
                                sample.category) for t in tasks}
     first = prepared[tasks[0]][0]
-    span = vlm.layout(first)[0].images[0]
-    objects = {f"object_b{b}": object_indices(span, sample, b, use_polygons) for b in (0, 1, 2)}
+    row = vlm.layout(first)[0]
+    objects = {f"object_b{b}": object_indices(row, sample, b, use_polygons) for b in (0, 1, 2)}
     run = dict(vlm=vlm, image=image, sample=sample, prepared=prepared, mean=mean,
                max_new_tokens=max_new_tokens, batch_size=batch_size)
     subsets, results = None, None

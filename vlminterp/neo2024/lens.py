@@ -12,7 +12,7 @@ from pathlib import Path
 import nnsight
 import torch
 
-from vlminterp.data.coco import CocoObjects, ObjectSample
+from vlminterp.data.coco import CocoObjects, ObjectSample, object_cells
 from vlminterp.interventions import logit_lens
 from vlminterp.models.base import ModelInputs
 from vlminterp.neo2024.prompts import prompt_inputs, token_text
@@ -51,31 +51,44 @@ def word_token_ids(vlm, word: str) -> list[int]:
     return sorted(ids) or [vlm.token_id(" " + word)]
 
 
+def shown_view(span):
+    """The view the heatmaps and the HTML page draw: the one showing the whole image — the
+    first view with a pixel geometry that is not a tile (LLaVA's grid, LLaVA-NeXT's base
+    view, InternVL's thumbnail, SmolVLM's global view) — else the first view."""
+    whole = [v for v in span.views if v.geometry is not None and v.kind not in ("tile", "tiles")]
+    return (whole or span.views)[0]
+
+
 def lens_image(vlm, image, sample: ObjectSample, *, k: int = 5,
                question: str = "Describe the image.", use_polygons: bool = True):
-    """Logit lens of one image: the record (per layer, the fraction of object tokens and of
-    background tokens — outside the buffer-1 object set — whose top-k holds the category
-    word) and the tensors to store (top-k ids/probs [layers, seq, k], the category words'
-    probability [layers, seq])."""
+    """Logit lens of one image: the record (per layer, the fraction of object tokens — the
+    object's cells in every view — and of background tokens — every view's patches outside
+    the buffer-1 object set — whose top-k holds the category word) and the tensors to store
+    (top-k ids/probs [layers, seq, k], the category words' probability [layers, seq]); the
+    meta names the drawn view (`shown_view`): its positions, grid and object cells."""
     inputs = prompt_inputs(vlm, [image], question)
     row = vlm.layout(inputs)[0]
-    span = row.images[0]
+    view = shown_view(row.images[0])
     words = word_token_ids(vlm, sample.category)
     ids, probs, tracked = logit_lens_topk(vlm, inputs, k, words)
     hits = torch.isin(ids[:, row.visual], torch.tensor(words)).any(-1).float()  # [L, n_visual]
-    obj = object_indices(span, sample, 0, use_polygons)
-    near = object_indices(span, sample, 1, use_polygons)
-    background = torch.tensor([i for i in range(len(row.visual)) if i not in set(near.tolist())],
+    obj = object_indices(row, sample, 0, use_polygons)
+    near = set(object_indices(row, sample, 1, use_polygons).tolist())
+    background = torch.tensor([i for i in range(len(row.visual)) if i not in near],
                               dtype=torch.long)
 
     def fraction(idx):
         return hits[:, idx].mean(1).tolist() if len(idx) else [None] * vlm.n_layers
 
+    cols = view.grid[1]
+    view_object = [] if view.geometry is None else sorted(
+        r * cols + c for r, c in object_cells(sample, view.geometry, 0, use_polygons))
     record = {"category": sample.category, "category_token_ids": words, "n_object": len(obj),
               "n_background": len(background), "object_fraction": fraction(obj),
               "background_fraction": fraction(background)}
-    meta = {"category": sample.category, "file_name": sample.file_name, "grid": list(span.grid),
-            "word_ids": words,
+    meta = {"category": sample.category, "file_name": sample.file_name, "grid": list(view.grid),
+            "word_ids": words, "view": view.kind, "view_positions": view.positions.tolist(),
+            "view_object": view_object,
             "visual": row.visual.tolist(), "object_indices": obj.tolist(),
             "tokens": vlm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())}
     tensors = {"ids": ids.to(torch.int32), "probs": probs.to(torch.float16), "category_prob": tracked}
@@ -83,8 +96,10 @@ def lens_image(vlm, image, sample: ObjectSample, *, k: int = 5,
 
 
 def model_view(image, geometry):
-    """The part of ``image`` the patch grid covers: resized then cropped as the processor does."""
-    return image.resize(geometry.resized).crop(geometry.crop_box)
+    """The part of ``image`` the patch grid covers: resized then cropped as the processor does
+    (sizes rounded to whole pixels for the picture)."""
+    size = tuple(max(1, round(float(v))) for v in geometry.resized)
+    return image.resize(size).crop(tuple(round(float(v)) for v in geometry.crop_box))
 
 
 _HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Logit lens</title><style>
@@ -140,16 +155,18 @@ def write_lens_html(path: Path, views: list[dict]) -> Path:
 
 
 def lens_view(vlm, image, geometry, tensors: dict, meta: dict, title: str) -> dict:
-    """One image's entry of `write_lens_html`: the model's view of the image, and per patch
-    the top tokens (text, probability) of every layer."""
+    """One image's entry of `write_lens_html`: the drawn view of the image (`shown_view`:
+    ``meta``'s ``view_positions``, ``grid``, ``view_object``), and per patch the top tokens
+    (text, probability) of every layer."""
     view = model_view(image, geometry)
     scale = max(1, 448 // max(view.size))
     buf = io.BytesIO()
     view.save(buf, format="PNG")
     ids, probs = tensors["ids"], tensors["probs"].float()
+    positions = meta.get("view_positions", meta["visual"])
     vocab = {}
     patches = []
-    for pos in meta["visual"]:
+    for pos in positions:
         layers = []
         for layer in range(ids.shape[0]):
             top = []
@@ -162,27 +179,31 @@ def lens_view(vlm, image, geometry, tensors: dict, meta: dict, title: str) -> di
     words = sorted({token_text(vlm, t).strip().lower() for t in meta.get("word_ids", [])}
                    | {meta["category"].lower()})
     return {"title": title, "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
-            "width": view.size[0], "height": view.size[1], "scale": scale, "cell": geometry.cell,
-            "cols": meta["grid"][1], "positions": meta["visual"], "object": meta["object_indices"],
+            "width": view.size[0], "height": view.size[1], "scale": scale,
+            "cell": float(geometry.cell), "cols": meta["grid"][1], "positions": positions,
+            "object": meta.get("view_object", meta["object_indices"]),
             "category": meta["category"], "words": words, "patches": patches}
 
 
 def lens_figures(vlm, coco: CocoObjects, samples, store, stem: Path, *, question: str,
                  layer: int, heatmaps: int, html: int) -> None:
-    """``<stem>_heatmap_<i>.png`` (the category word's lens probability over the patch grid at
-    ``layer``) for the first ``heatmaps`` samples, and ``<stem>.html`` for the first ``html``."""
+    """``<stem>_heatmap_<i>.png`` (the category word's lens probability over the patch grid of
+    the drawn view, `shown_view`, at ``layer``) for the first ``heatmaps`` samples, and
+    ``<stem>.html`` for the first ``html``."""
     from vlminterp.plots import grid_heatmap
 
     views = []
     for i, s in enumerate(samples[:max(heatmaps, html)]):
         image, tensors, meta = coco.load_image(s), store.get(s.key), store.meta(s.key)
-        span = vlm.layout(prompt_inputs(vlm, [image], question))[0].images[0]
+        view = shown_view(vlm.layout(prompt_inputs(vlm, [image], question))[0].images[0])
+        positions = meta.get("view_positions", meta["visual"])
+        kind = "" if view.kind == "base" else f" ({view.kind} view)"
         if i < heatmaps:
-            grid_heatmap(tensors["category_prob"][layer, meta["visual"]], f"{stem}_heatmap_{i}.png",
-                         grid=span.grid, cbar_label=f"p({s.category})",
-                         title=f"{s.file_name}: p({s.category}) at layer {layer}")
-        if i < html:
-            views.append(lens_view(vlm, image, span.geometry, tensors, meta,
-                                   f"{s.file_name} ({s.category})"))
+            grid_heatmap(tensors["category_prob"][layer, positions], f"{stem}_heatmap_{i}.png",
+                         grid=tuple(meta["grid"]), cbar_label=f"p({s.category})",
+                         title=f"{s.file_name}: p({s.category}) at layer {layer}{kind}")
+        if i < html and view.geometry is not None:
+            views.append(lens_view(vlm, image, view.geometry, tensors, meta,
+                                   f"{s.file_name} ({s.category}){kind}"))
     if views:
         write_lens_html(Path(f"{stem}.html"), views)

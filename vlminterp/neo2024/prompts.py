@@ -73,27 +73,76 @@ def question_for(questions: dict[str, str], sample: ObjectSample) -> str | None:
 
 # -- prompts ----------------------------------------------------------------------------------
 
-def prompt_text(vlm, question: str, answer_prefix: str = "") -> str:
-    """The verbatim prompt: LLaVA-1.5's ``USER: <image>\\n{q} ASSISTANT: {prefix}``, or the
-    family's chat template (user turn with the image, generation prompt) + ``answer_prefix``."""
-    if vlm.family.name == "llava":
-        return f"USER: <image>\n{question} ASSISTANT:" + (f" {answer_prefix}" if answer_prefix else "")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return vlm.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False) + answer_prefix
+@dataclass(frozen=True)
+class Prompt:
+    """One row's prompt as every family takes it: the ``question`` goes into the family's own
+    prompt format (its chat template; PaliGemma's ``<image><bos>question\\n``) through
+    `VLM.prepare`, and ``answer_prefix`` (``'It is a'``) starts the reply."""
+
+    question: str
+    answer_prefix: str = ""
+
+    def reply(self, vlm, word: str = "") -> str:
+        """The reply text `VLM.prepare` appends: the answer prefix, then ``word``, each
+        starting a new word (see `reply_separator`)."""
+        text = self.answer_prefix
+        if text and word and not text[-1].isspace():
+            text += " "
+        text += word
+        return reply_separator(vlm) + text if text else ""
+
+
+def reply_separator(vlm) -> str:
+    """``' '`` where the family's chat prompt ends inside a line (LLaVA-1.5's ``ASSISTANT:``:
+    the reply then reads ``ASSISTANT: It is a``, the original's prompt), ``''`` where it ends
+    in whitespace (``assistant\\n``) or the processor has no chat template (its family's
+    `VLM.prepare` places the reply: PaliGemma's after the prompt's ``\\n``)."""
+    processor = vlm.processor
+    if not getattr(processor, "chat_template", None):
+        return ""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "" if text[-1:].isspace() else " "
 
 
 def prompt_inputs(vlm, images, question: str, answer_prefix: str = "") -> ModelInputs:
     """One row per image, all with the same prompt."""
-    return vlm.prepare(text=prompt_text(vlm, question, answer_prefix), images=list(images),
-                       chat=False)
+    return vlm.prepare(text=question, images=list(images),
+                       answer_prefix=Prompt(question, answer_prefix).reply(vlm))
 
 
-def task_inputs(vlm, image, task: Task, category: str) -> tuple[ModelInputs, str, int]:
-    """Inputs, verbatim prompt and answer token id of ``task`` on one image."""
-    text = prompt_text(vlm, task.question.format(category=category), task.answer_prefix)
-    inputs = vlm.prepare(text=text, images=[image], chat=False)
-    return inputs, text, continuation_id(vlm, text, task.answer_word(category))
+def batch_inputs(vlm, image, prompts: list[Prompt], **kw) -> ModelInputs:
+    """One row per prompt, all on ``image`` (``kw`` to the processor: ``padding_side``...)."""
+    return vlm.prepare(text=[p.question for p in prompts], images=[image] * len(prompts),
+                       answer_prefix=[p.reply(vlm) for p in prompts], **kw)
+
+
+def answer_id(vlm, image, prompt: Prompt, word: str, inputs: ModelInputs | None = None) -> int:
+    """Id of the first token of ``word`` as the model would write it right after ``prompt``
+    (``' cat'`` after ``'It is a'``): the first token where the prepared prompt with the word
+    appended departs from ``inputs`` (the prompt's own, prepared here when not given), so it
+    holds for every family's prompt format and tokenizer."""
+    inputs = inputs if inputs is not None else prompt_inputs(vlm, [image], prompt.question,
+                                                             prompt.answer_prefix)
+    longer = vlm.prepare(text=prompt.question, images=[image],
+                         answer_prefix=prompt.reply(vlm, word))
+    head, full = (_real_ids(x) for x in (inputs, longer))
+    if len(full) > len(head) and torch.equal(full[:len(head)], head):
+        return int(full[len(head)])
+    return vlm.token_id(prompt.reply(vlm, word)[len(prompt.reply(vlm)):])
+
+
+def _real_ids(inputs: ModelInputs) -> Tensor:
+    ids = inputs["input_ids"][0].cpu()
+    mask = inputs.get("attention_mask")
+    return ids if mask is None else ids[mask[0].cpu().bool()]
+
+
+def task_inputs(vlm, image, task: Task, category: str) -> tuple[ModelInputs, Prompt, int]:
+    """Inputs, prompt and answer token id of ``task`` on one image."""
+    prompt = Prompt(task.question.format(category=category), task.answer_prefix)
+    inputs = prompt_inputs(vlm, [image], prompt.question, prompt.answer_prefix)
+    return inputs, prompt, answer_id(vlm, image, prompt, task.answer_word(category), inputs)
 
 
 def repeat_inputs(inputs: ModelInputs, n: int) -> ModelInputs:
@@ -117,17 +166,6 @@ def last_logits(vlm, inputs: ModelInputs, conditions, intervene, batch_size: int
 
 
 # -- answers ----------------------------------------------------------------------------------
-
-def continuation_id(vlm, text: str, word: str) -> int:
-    """Id of the first token of ``word`` as it follows ``text`` (``' cat'`` after ``'It is a'``)."""
-    tok = vlm.tokenizer
-    sep = "" if text.endswith(("\n", " ")) else " "
-    head = tok.encode(text, add_special_tokens=False)
-    full = tok.encode(text + sep + word, add_special_tokens=False)
-    if len(full) > len(head) and full[:len(head)] == head:
-        return full[len(head)]
-    return vlm.token_id(sep + word)
-
 
 def token_text(vlm, token_id: int) -> str:
     return vlm.tokenizer.decode([int(token_id)], skip_special_tokens=True)

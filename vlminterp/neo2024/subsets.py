@@ -1,6 +1,7 @@
-"""Token subsets to ablate, as indices into a row's visual tokens (``layout.visual``), so one
-subset serves prompts of any length: the object's cells, high-norm register tokens, random
-tokens, and the top tokens by integrated gradients at the LM input."""
+"""Token subsets to ablate, as indices into a row's visual tokens (``layout.visual``: the
+patch tokens of every view of the image, separators and markers excluded), so one subset
+serves prompts of any length: the object's cells in every view, high-norm register tokens,
+random tokens, and the top tokens by integrated gradients at the LM input."""
 
 from __future__ import annotations
 
@@ -12,15 +13,29 @@ from torch import Tensor
 
 from vlminterp.data.coco import ObjectSample, object_cells
 from vlminterp.models.base import ModelInputs
+from vlminterp.tokens import ImageSpan, RowLayout
 from vlminterp.neo2024.prompts import repeat_inputs
 
 
-def object_indices(span, sample: ObjectSample, buffer: int = 0, use_polygons: bool = True
-                   ) -> Int[Tensor, "_n"]:
-    """Indices (into the image's tokens, row-major cells) of the cells the object overlaps."""
-    cols = span.grid[1]
-    cells = object_cells(sample, span.geometry, buffer, use_polygons)
-    return torch.tensor([r * cols + c for r, c in cells], dtype=torch.long)
+def object_indices(where: RowLayout | ImageSpan, sample: ObjectSample, buffer: int = 0,
+                   use_polygons: bool = True) -> Int[Tensor, "_n"]:
+    """Indices into the visual tokens of the cells the object overlaps (grown by ``buffer``
+    rings), in every view of the image that has a pixel geometry: LLaVA-1.5's one grid,
+    LLaVA-NeXT's base view and tiles, InternVL's tiles and thumbnail, SmolVLM's tiles and
+    global view... Given a `RowLayout`, indices into ``row.visual`` (its first image's
+    object); given an `ImageSpan`, into its patch tokens in sequence order (the same for a
+    row holding one image). Separators and markers are never part of it."""
+    if isinstance(where, RowLayout):
+        if not where.images:
+            raise ValueError("object_indices: the row holds no image")
+        span, visual = where.images[0], where.visual
+    else:
+        span = where
+        visual = torch.sort(span.positions).values
+    found = [view.cell_positions(object_cells(sample, view.geometry, buffer, use_polygons))
+             for view in span.views if view.geometry is not None]
+    positions = torch.unique(torch.cat([torch.zeros(0, dtype=torch.long), *found]))
+    return torch.searchsorted(visual, positions)
 
 
 def register_indices(visual: Float[Tensor, "n d"]) -> Int[Tensor, "_k"]:

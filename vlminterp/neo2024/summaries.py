@@ -136,7 +136,7 @@ def plot_knockout(summary: dict, target: str, stem: Path, model_id: str) -> list
                   if k.endswith(f"->{target}")}
     curves, bands, notes, starts = {}, {}, {}, None
     for source, per in per_source.items():
-        windows = sorted((v["layer_list"][0], v["delta_p_correct"]) for k, v in per.items()
+        windows = sorted((int(k.split("_", 1)[1]), v["delta_p_correct"]) for k, v in per.items()
                          if k.startswith("window_"))
         if windows:
             starts, stats = [w for w, _ in windows], [c for _, c in windows]
