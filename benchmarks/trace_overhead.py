@@ -2,7 +2,8 @@
 
 For each tiny family, a realistic size (Qwen2-VL with the 2B model's widths, 4 decoder layers)
 and the new major families (Qwen3-VL, LLaVA-OneVision, InternVL) with their language model
-widened to the same widths (``common.widened``: tiny vision tower, ~600 positions),
+widened to the same widths (``common.widened``: tiny vision tower, 2 frames and ~600 text
+positions),
 median time of
   (a) the plain forward of an unwrapped copy of the model (same weights),
   (b) the same forward inside ``vlm.trace`` with no intervention,
@@ -125,9 +126,9 @@ def main() -> int:
         if not wanted(f"wide-{short}"):
             continue
         vlm, plain = common.widened(mid, dev, **widths)
-        filler = " ".join(["please"] * (20 if args.quick else 150))  # ~600 positions in all
+        filler = " ".join(["please"] * (20 if args.quick else 150))  # ~600 text positions
         inputs = vlm.prepare(text=f"{filler} Which direction does the square move?",
-                             video=[common.random_video(0, frames=8, size=112)])
+                             video=[common.random_video(0, frames=2, size=112)])
         models[f"wide-{short}"] = (vlm, plain, inputs)
 
     rows, ratios, sizes, medians = [], {}, {}, {}
@@ -150,7 +151,8 @@ def main() -> int:
         rows.append([name, sizes[name]["seq_len"], ms["a"], ms["b"], ms["c"], ms["d"],
                      r["b_over_a"], r["c_over_a"], r["c_over_d"], r.get("wrapped_over_a"),
                      max(t.spread(k) for k in "abcd")])
-        print(f"{name}: done", file=sys.stderr)
+        print(f"{name}: done (b/a {r['b_over_a']:.3f}, c/a {r['c_over_a']:.3f}, c/d "
+              f"{r['c_over_d']:.3f})", file=sys.stderr)
 
     print(f"\ntrace overhead ({dev}, {args.clock} clock, {torch.get_num_threads()} thread(s), "
           f"{reps} interleaved reps; ratio = median of per-rep ratios)")
