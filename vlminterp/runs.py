@@ -25,7 +25,7 @@ NOT_RESULT_FLAGS = frozenset({
     "output", "out", "representations_output", "device", "remote", "ndif_host", "ndif_api_key",
     "ndif_insecure", "retry_errors", "restart", "limit", "batch_size", "ig_batch_size",
     "min_total_effect", "include_unstable", "heatmap_layer", "heatmap_images", "html_images",
-    "plot_target", "shard", "device_map", "offload_folder",
+    "plot_target", "shard", "device_map", "offload_folder", "max_memory",
 })
 
 

@@ -154,3 +154,23 @@ def test_readme_bring_your_own_method_example_finds_the_known_answer(tmp_path, c
     assert list(effects) == ["frames 0-3", "frames 4-7"]
     assert effects["frames 0-3"] >= 0.9 and abs(effects["frames 4-7"]) <= 0.1, effects
     assert str(effects) in capsys.readouterr().out
+
+
+def test_llava_objects_trains_on_the_prompts_the_neo_recipes_send():
+    """Training builds its rows from LLaVA-1.5's verbatim text; the recipes prepare prompts
+    through the chat template: both must give the model the same token ids."""
+    from vlminterp.data.synthetic_images import ZOO_CATEGORIES, zoo_image
+    from vlminterp.neo2024.prompts import TASKS, Prompt, answer_id, prompt_inputs
+    from vlminterp.zoo.llava_objects import continuation_id, prompt_text
+
+    vlm = tiny("tiny-llava-objects")
+    category = list(ZOO_CATEGORIES)[0]
+    image, _ = zoo_image(np.random.RandomState(0), category)
+    for task in ("vqa", "polling"):
+        q, prefix = TASKS[task].question.format(category=category), TASKS[task].answer_prefix
+        sent = prompt_inputs(vlm, [image], q, prefix)
+        trained = vlm.prepare(text=prompt_text(q, prefix), images=[image], chat=False)
+        assert torch.equal(sent["input_ids"], trained["input_ids"])
+        word = category if task == "vqa" else "Yes"
+        assert answer_id(vlm, image, Prompt(q, prefix), word, sent) == \
+            continuation_id(vlm.tokenizer, prompt_text(q, prefix), word)

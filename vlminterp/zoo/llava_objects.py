@@ -3,7 +3,7 @@
 Each training image gets one of: the short-VQA prompt ``What is the main object in this image?``
 + ``It is a`` -> the class word; Yes/No polling ``Is there a {class} in this image?`` (the true
 class -> Yes, another class -> No); the generative ``Describe this image.`` -> `` It is a {class}.``
-+ end of text. All prompts are `vlminterp.neo2024.prompts.prompt_text`'s. Loss: cross-entropy of
++ end of text. All prompts are LLaVA-1.5's, as `vlminterp.neo2024.prompts` builds them. Loss: cross-entropy of
 each answer token. One more term plants what Neo et al. see with the logit lens: at the LM's last
 layer, every visual token whose cell the object covers by >= 25% is trained to read out the class
 word through ``ln_final`` + ``lm_head`` (weight `LENS_WEIGHT`); background tokens get no target.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlminterp.neo2024.prompts import TASKS, continuation_id, prompt_text
+from vlminterp.neo2024.prompts import TASKS, Prompt, answer_id, prompt_inputs
 from vlminterp.zoo import image_task
 
 LENS_WEIGHT = 0.5
@@ -48,13 +48,13 @@ class ObjectsLM:
         """(prompt, answer token ids) of one format; ``other`` is the class polling_no asks about."""
         c = item.category
         if fmt == "vqa":
-            text = prompt_text(self.vlm, TASKS["vqa"].question, TASKS["vqa"].answer_prefix)
-            return text, [continuation_id(self.vlm, text, c)]
+            text = prompt_text(TASKS["vqa"].question, TASKS["vqa"].answer_prefix)
+            return text, [continuation_id(self.tok, text, c)]
         if fmt.startswith("polling"):
-            text = prompt_text(self.vlm, TASKS["polling"].question.format(
+            text = prompt_text(TASKS["polling"].question.format(
                 category=c if fmt == "polling_yes" else other))
-            return text, [continuation_id(self.vlm, text, "Yes" if fmt == "polling_yes" else "No")]
-        text = prompt_text(self.vlm, TASKS["generative"].question)
+            return text, [continuation_id(self.tok, text, "Yes" if fmt == "polling_yes" else "No")]
+        text = prompt_text(TASKS["generative"].question)
         return text, self.tok.encode(f" It is a {c}.", add_special_tokens=False) + [self.tok.eos_token_id]
 
     def batch(self, items, rng) -> tuple[dict, list, list, list]:
@@ -83,7 +83,7 @@ class ObjectsLM:
             answer_slots += [(r, n - 1 + k, t) for k, t in enumerate(answer)]
             visual = torch.nonzero(ids[r] == self.image_id).flatten()
             cover = items[r].coverage().reshape(-1)
-            word = continuation_id(self.vlm, prompt_text(self.vlm, TASKS["vqa"].question,
+            word = continuation_id(self.tok, prompt_text(TASKS["vqa"].question,
                                                          TASKS["vqa"].answer_prefix), items[r].category)
             lens_slots += [(r, int(visual[i]), word) for i in np.nonzero(cover >= LENS_COVERAGE)[0]]
             if asked[r] is not None:  # the asked class's token, after the image
@@ -143,7 +143,7 @@ def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int =
             prefix = TASKS["vqa"].answer_prefix if fmt == "vqa" else ""
             inputs = prompt_inputs(vlm, [it.image for it in group], question, prefix)
             word = c if fmt == "vqa" else ("Yes" if fmt == "polling_yes" else "No")
-            answer = continuation_id(vlm, prompt_text(vlm, question, prefix), word)
+            answer = answer_id(vlm, group[0].image, Prompt(question, prefix), word, inputs)
             logits = vlm.forward(inputs)[:, -1]
             hits[fmt] += [s["correct"] for s in score(vlm, logits, answer)]
         inputs = prompt_inputs(vlm, [it.image for it in mine[:generate_n]], TASKS["generative"].question)
@@ -152,3 +152,18 @@ def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int =
         texts = vlm.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         hits["generative"] += [names_object(t, c) for t in texts]
     return {f: {"accuracy": float(np.mean(h)), "n": len(h)} for f, h in hits.items()}
+
+
+def prompt_text(question: str, answer_prefix: str = "") -> str:
+    """LLaVA-1.5's verbatim prompt, the text `vlminterp.neo2024.prompts` gives this model
+    through its chat template (``USER: <image>\n{q} ASSISTANT: {prefix}``); training builds
+    its rows from the text, with the answers appended as token ids."""
+    return f"USER: <image>\n{question} ASSISTANT:" + (f" {answer_prefix}" if answer_prefix else "")
+
+
+def continuation_id(tok, text: str, word: str) -> int:
+    """Id of the first token of ``word`` as it follows ``text`` (``' cat'`` after ``'It is a'``)."""
+    sep = "" if text.endswith(("\n", " ")) else " "
+    head = tok.encode(text, add_special_tokens=False)
+    full = tok.encode(text + sep + word, add_special_tokens=False)
+    return full[len(head)]
