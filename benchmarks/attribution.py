@@ -48,10 +48,11 @@ def main() -> int:
     if args.quick and args.reps is None:
         args.reps = 3
     load0 = common.setup(args)
-    layers = 8 if args.quick else 16
+    layers = 2 if args.smoke else 8 if args.quick else 16
+    size = common.SMOKE if args.smoke else dict(hidden=512, intermediate=2816, heads=8,
+                                                kv_heads=2, vision_depth=1)
     vlm, _ = common.realistic_qwen2_vl(max_pixels=112 * 112, device=args.device, layers=layers,
-                                       hidden=512, intermediate=2816, heads=8, kv_heads=2,
-                                       vision_depth=1, plain_copy=False)
+                                       plain_copy=False, **size)
     clean = common.random_video(0, frames=8, size=112)
     pair = vlm.prepare(text="Which direction does the square move? Answer:",
                        video=[clean, reverse(clean)])

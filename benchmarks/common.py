@@ -32,6 +32,9 @@ from torch.utils._pytree import tree_leaves
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="reduced size, finishes in under a minute")
+    p.add_argument("--smoke", action="store_true", help="the smallest models (narrow LM, one "
+                   "vision block): checks the script runs end to end, its ratios mean nothing "
+                   "(the tests' CPU run of gpu_check)")
     p.add_argument("--json", metavar="PATH", help="write {ratios, targets, meta} here")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=None,
@@ -448,3 +451,7 @@ def widened(model_id: str, device: str = "cpu", hidden: int = 1536, intermediate
     model = seeded_model(type(model), config, seed, attn_implementation="sdpa").to(device)
     plain = copy.deepcopy(model)
     return wrap(model, processor, f"{model_id}-{hidden}w-{layers}layers", fam), plain
+
+
+SMOKE = dict(hidden=256, intermediate=512, heads=4, kv_heads=2, vision_depth=1)
+"""`realistic_qwen2_vl` sizes under ``--smoke``."""

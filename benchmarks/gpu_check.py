@@ -12,8 +12,8 @@ script that is absent (saying so) and writes one JSON:
 
 ``meta.dtype`` of each script says which dtype it really ran (a script that does not take
 ``--dtype`` runs float32). ``--quick`` is a smoke run (the scripts' ``--quick`` sizes, 2
-repetitions, no warmup): it shows the scripts still run, not what they measure; the tests run
-it on CPU so this check cannot rot.
+repetitions, no warmup; on CPU also ``--smoke``, the smallest models): it shows the scripts
+still run, not what they measure; the tests run it on CPU so this check cannot rot.
 
     python benchmarks/gpu_check.py --device cuda --json gpu_check.json
     python benchmarks/gpu_check.py --device cpu --quick --json /tmp/gpu_check.json
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all scripts "
                    "together (default 480: 8 minutes)")
     p.add_argument("--quick", action="store_true", help="smoke run: the scripts' --quick "
-                   "sizes, 2 repetitions, no warmup")
+                   "sizes, 2 repetitions, no warmup (on cpu also --smoke: the smallest models)")
     p.add_argument("--scripts", default=",".join(SCRIPTS),
                    help=f"comma list of scripts to run (default: {','.join(SCRIPTS)})")
     return p
@@ -65,6 +65,8 @@ def run_script(name: str, args, dtype: str, timeout: float) -> dict:
                    "--json", str(out)]
         if args.quick:
             command += ["--quick", "--reps", "2", "--warmup", "0"]
+            if args.device == "cpu":  # the tests' run: that every script works, not its ratios
+                command += ["--smoke"]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,

@@ -142,6 +142,8 @@ def main() -> int:
     load0 = common.setup(args)
     models = {"realistic": MODELS["realistic"],
               "deep": {**MODELS["deep"], "layers": 8 if args.quick else 16}}
+    if args.smoke:
+        models = {"realistic": {**common.SMOKE, "layers": 2}, "deep": {**common.SMOKE, "layers": 4}}
     table, ratios, info = [], {}, {}
     for name, kw in models.items():
         rows, r, i = run_model(name, kw, args)

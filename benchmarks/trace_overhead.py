@@ -117,11 +117,13 @@ def main() -> int:
                                  video=[common.random_video(0)])
         models[mid] = (vlm, common.tiny_plain(mid, dev), inputs)
     if wanted("realistic"):
-        vlm, plain = common.realistic_qwen2_vl(max_pixels=size * size, device=dev)
+        vlm, plain = common.realistic_qwen2_vl(max_pixels=size * size, device=dev,
+                                               **(common.SMOKE if args.smoke else {}))
         inputs = vlm.prepare(text="Which direction does the square move?",
                              video=[common.random_video(0, frames=frames, size=size)])
         models["realistic"] = (vlm, plain, inputs)
-    widths = (dict(hidden=256, intermediate=512, heads=4, kv_heads=2) if args.quick else {})
+    widths = (dict(hidden=256, intermediate=512, heads=4, kv_heads=2)
+              if args.quick or args.smoke else {})
     for short, mid in WIDENED.items():  # the new major families: the LM at 2B-class widths
         if not wanted(f"wide-{short}"):
             continue

@@ -21,10 +21,12 @@ p = argparse.ArgumentParser()
 for flag in ("--device", "--dtype", "--json", "--reps", "--warmup"):
     p.add_argument(flag)
 p.add_argument("--quick", action="store_true")
+p.add_argument("--smoke", action="store_true")
 a = p.parse_args()
 {body}
 json.dump({{"ratios": {{"speedup": 12.5}}, "targets": {{"speedup": [">=", 10.0]}},
            "meta": {{"device": a.device, "dtype": a.dtype, "quick": a.quick, "reps": a.reps,
+                    "smoke": a.smoke,
                     "targets_met": {{"speedup": True}}}}}}, open(a.json, "w"))
 '''
 
@@ -43,6 +45,7 @@ def test_statuses_budget_and_one_json(tmp_path, monkeypatch, capsys):
     assert runs["fast"]["status"] == "ok" and runs["fast"]["ratios"] == {"speedup": 12.5}
     assert runs["fast"]["targets_met"] == {"speedup": True}
     assert runs["fast"]["meta"] == {"device": "cpu", "dtype": "float32", "quick": True,
+                                    "smoke": True,
                                     "reps": "2", "targets_met": {"speedup": True}}
     assert runs["absent"] == {"status": "absent", "note": f"absent.py is not in {tmp_path}; skipped"}
     assert runs["slow"]["status"] == "timeout" and runs["slow"]["seconds"] < 10

@@ -257,8 +257,8 @@ def _exception_of(description: str) -> str:
 
 def _job_failed(host: str, key: str, description: str) -> str:
     model = _model_name(key)
+    low = description.lower()  # classified on the whole text, reported by its exception line
     description = _exception_of(description)
-    low = description.lower()
     if "too large" in low or "413" in low or "error parsing the body" in low:
         # ndif 0.1.2's API parses the upload as a form whose parts are capped (~1 MiB).
         return _one_line(f"NDIF {host}: request for {model} is too large for the server "
