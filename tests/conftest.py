@@ -20,3 +20,22 @@ from support import HF_FAMILIES, tiny  # noqa: E402
 @pytest.fixture(params=HF_FAMILIES)
 def hf_vlm(request):
     return tiny(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Recipes set torch to one thread; every test leaves the count as it found it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: OpenMP's barriers cost more than they
+    save on 2 shared cores); `_restore_threads` puts the count back."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -20,13 +20,6 @@ from vlminterp.store import ActivationStore
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("videos") / "data", 3)  # 9 questions

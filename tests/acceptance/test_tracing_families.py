@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
 from vlminterp.data.synthetic import write_dataset
@@ -24,13 +23,6 @@ VIDEO_IDS = [i for i in tiny_ids() if i != "tiny-clip-vit" and "video" in family
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("videos") / "data", 1)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

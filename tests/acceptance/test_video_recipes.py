@@ -37,13 +37,6 @@ ISSUE_FLAGS = {
 FAST = ["--layers", "embed,1", "--swap_spans", "none"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)  # recipes run tiny models single-threaded
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("videos") / "data", 2)  # 6 questions

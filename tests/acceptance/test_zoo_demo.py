@@ -10,19 +10,11 @@ that changes it.
 import json
 
 import pytest
-import torch
 
 import recipes.counterfactual_causal_tracing as tracing_recipe
 import recipes.video_inference as inference_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)  # recipes run tiny models single-threaded
 
 
 def test_demo_traces_the_trained_model_and_shows_the_planted_structure(tmp_path):

@@ -14,23 +14,14 @@ zoo-style images written in COCO format and read back through the curation filte
 
 import numpy as np
 import pytest
-import torch
 from support import tiny
 
 from vlminterp import neo2024 as neo
 from vlminterp.data.coco import CocoObjects
 from vlminterp.data.synthetic_images import write_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 N_IMAGES = 48  # 6 per class
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ the code the recipe runs) and checks that the effect lands where the answer is:
 
 import numpy as np
 import pytest
-import torch
 from support import tiny
 
 from vlminterp.video import causal_tracing as ct
@@ -28,16 +27,8 @@ from vlminterp.video.multiple_choice import option_ids
 from vlminterp.zoo import video_task
 from vlminterp.zoo.video_task import Clip, Item
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SPANS = ["visual_frames:0:2", "visual_frames:2:4", "visual_frames:4:6", "visual_frames:6:8"]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from vlminterp.attention import (attention_sites, head_site, heads, sites_enabled)
 from vlminterp.interventions import ablate, cache, output_tensor, patch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYER = 1
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _hf_attn(vlm, layer):

@@ -11,13 +11,7 @@ from scipy.stats import spearmanr
 from vlminterp import sweep
 from vlminterp.metrics import logit_diff
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metric(logits):

@@ -21,15 +21,9 @@ from vlminterp.data.synthetic import make_video, write_dataset
 from vlminterp.data.video import read_frames
 from vlminterp.video.multiple_choice import mc_prompt, option_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = mc_prompt("Which direction does the square move?", ["left", "right"])
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on 2 busy cores
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

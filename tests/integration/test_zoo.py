@@ -17,15 +17,9 @@ from vlminterp import zoo
 from vlminterp.zoo import train as zoo_train
 from vlminterp.zoo.specs import SPECS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 0.01  # accuracy points: float differences across machines may flip a near-tie
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_weights_fit_the_size_budget_and_match_their_cards():

@@ -12,13 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from vlminterp.video import probes
 from vlminterp.store import ActivationStore
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=60, deadline=None)
