@@ -9,7 +9,6 @@ import io
 import json
 from pathlib import Path
 
-import nnsight
 import torch
 
 from vlminterp.data.coco import CocoObjects, ObjectSample, object_cells
@@ -24,6 +23,8 @@ def logit_lens_topk(vlm, inputs: ModelInputs, k: int = 5, track: list[int] | Non
     """Row 0 through ``ln_final`` + ``lm_head`` at every layer output and position: top-``k``
     ids and probabilities ``[layers, seq, k]``, and the summed probability of the ``track``
     token ids ``[layers, seq]`` (zeros when not given)."""
+    import nnsight  # here, not at module import: keeps `--help` light
+
     track_ids = torch.tensor(track or [], dtype=torch.long)
     with torch.no_grad(), vlm.trace(inputs):
         # Containers made inside the trace and saved: NDIF sends back only saved objects.
