@@ -96,3 +96,15 @@ def planted_qwen2_vl(seed: int = 0):
     m.lm_head.weight[METRIC_IDS[0]] = r
     m.lm_head.weight[METRIC_IDS[1]] = -r
     return vlm, inputs
+
+
+def attend_both_ways(vlm, layer: int):
+    """Make decoder ``layer`` attend in both directions (its mask zeroed) until the returned
+    hook handle is removed: earlier positions then see a patch, which breaks prefix reuse."""
+    attn = vlm.torch_model.model.language_model.layers[layer].self_attn
+
+    def both_ways(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        return args, {**kwargs, "attention_mask": None if mask is None else torch.zeros_like(mask)}
+
+    return attn.register_forward_pre_hook(both_ways, with_kwargs=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from support import clean_and_counterfactual, tiny
-from planted import metric as planted_metric, planted_qwen2_vl
+from planted import attend_both_ways, metric as planted_metric, planted_qwen2_vl
 from scipy.stats import spearmanr
 
 from vlminterp import sweep
@@ -219,13 +219,7 @@ def test_whole_model_gradients_where_the_language_model_alone_cannot_replay_the_
     reproduced) and take its gradients through the whole model — equal to hand autograd."""
     vlm = tiny("tiny-qwen2-vl")
     inputs = clean_and_counterfactual(vlm)
-    attn = vlm.torch_model.model.language_model.layers[1].self_attn
-
-    def both_ways(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        return args, {**kwargs, "attention_mask": None if mask is None else torch.zeros_like(mask)}
-
-    handle = attn.register_forward_pre_hook(both_ways, with_kwargs=True)
+    handle = attend_both_ways(vlm, 1)
     grid = sweep.Grid(["embed", "resid.0", "mlp.2"], ["visual_frames:0:4", "visual_frames:4:8"])
     try:
         got = sweep.attribution(vlm, inputs, grid, metric, steps=0)

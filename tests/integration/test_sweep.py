@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from planted import attend_both_ways
 from support import clean_and_counterfactual, tiny
 
 from vlminterp import sweep
@@ -157,13 +158,7 @@ def test_a_bidirectional_layer_makes_auto_drop_the_prefix_reuse():
     the patch); the sweep must notice, say so, and still equal the plain sweep."""
     vlm = tiny("tiny-qwen2-vl")
     inputs = clean_and_counterfactual(vlm)
-    attn = vlm.torch_model.model.language_model.layers[1].self_attn
-
-    def both_ways(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        return args, {**kwargs, "attention_mask": None if mask is None else torch.zeros_like(mask)}
-
-    handle = attn.register_forward_pre_hook(both_ways, with_kwargs=True)
+    handle = attend_both_ways(vlm, 1)
     grid = sweep.Grid(["embed", "resid.0", "resid.1"], {"frames 4-5": "visual_frames:4:6"})
     try:
         plain = sweep.patch_sweep(vlm, inputs, grid, metric, strategy="rows", progress=False)
