@@ -93,9 +93,6 @@ def _timestamps(ids, group_runs, start_id, end_id) -> torch.Tensor:
 def build_tiny(seed: int = 0, moe: bool = False):
     """Tiny Qwen3-VL(-MoE): 4 decoder layers (deepstack after layers 0 and 1), 2 vision blocks,
     patch 16; images and frames of 64-128 px."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
     tok = tiny.qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIALS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -113,9 +110,20 @@ def build_tiny(seed: int = 0, moe: bool = False):
     else:
         from transformers import Qwen3VLConfig as config_cls
         from transformers import Qwen3VLForConditionalGeneration as model_cls
+    return tiny_model(seed, tok, model_cls, config_cls, text, deepstack_visual_indexes=[0, 1])
+
+
+def tiny_model(seed: int, tok, model_cls, config_cls, text: dict, **vision):
+    """The tiny Qwen3-VL-style model and processor around ``text`` (the text config): 2
+    vision blocks of patch 16 (``vision`` adds to them), images and frames of 64-128 px. Shared
+    by the Qwen3-VL and Qwen3.5 builders."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIALS}
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                  deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
+                  num_position_embeddings=64, **vision)
     config = config_cls(text_config=text, vision_config=vision,
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                         vision_start_token_id=ids["<|vision_start|>"],
