@@ -28,10 +28,16 @@ def random_video(seed, frames=8, size=112):
     return np.random.RandomState(seed).randint(0, 255, (frames, size, size, 3), dtype=np.uint8)
 
 
-def random_image(seed, w=80, h=60):
+def random_image(seed, w=80, h=60, box=None):
+    """A random RGB image; ``box`` = (x0, y0, x1, y1): those pixels inverted (a region painted
+    to follow through the processor)."""
     from PIL import Image
 
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+    pixels = np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        pixels[y0:y1, x0:x1] = 255 - pixels[y0:y1, x0:x1]
+    return Image.fromarray(pixels)
 
 
 def clean_and_counterfactual(vlm, seed=0):

@@ -1,27 +1,18 @@
 """Gemma 3 specifics: pan-and-scan crops are views, each mapped to pixels through the real
 processor; image tokens attend bidirectionally (a mask built outside the LM)."""
 
-import numpy as np
 import torch
-from support import tiny
-from PIL import Image
+from support import random_image, tiny
 
 from vlminterp.interventions import expand_rows, site_tensor
 
 PAS = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=16)
 
 
-def wide_image(seed, box=None):
-    pixels = np.random.RandomState(seed).randint(0, 255, (32, 96, 3), dtype=np.uint8)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        pixels[y0:y1, x0:x1] = 255 - pixels[y0:y1, x0:x1]
-    return Image.fromarray(pixels)
-
-
 def test_pan_and_scan_crops_are_views_that_change_only_their_positions():
     vlm = tiny("tiny-gemma3")
-    inputs = vlm.prepare(text="What is this?", images=[wide_image(0), wide_image(1)], **PAS)
+    images = [random_image(0, 96, 32), random_image(1, 96, 32)]
+    inputs = vlm.prepare(text="What is this?", images=images, **PAS)
     views = vlm.layout(inputs)[0].images[0].views
     assert [v.kind for v in views] == ["base", "crop", "crop", "crop"]
     assert inputs.row_sizes()["pixel_values"] == [4, 4]
@@ -37,7 +28,8 @@ def test_pan_and_scan_crops_are_views_that_change_only_their_positions():
 def test_a_box_painted_through_the_processor_lands_in_box_positions_of_every_view():
     vlm = tiny("tiny-gemma3")
     box = (40, 8, 56, 24)  # inside the second crop (x 32-64)
-    inputs = vlm.prepare(text="What is this?", images=[wide_image(0), wide_image(0, box)], **PAS)
+    inputs = vlm.prepare(text="What is this?", images=[random_image(0, 96, 32),
+                                                          random_image(0, 96, 32, box=box)], **PAS)
     pixels = inputs["pixel_values"]  # the 4 crops of row 0, then those of row 1
     span = vlm.layout(inputs)[0].images[0]
     for v, view in enumerate(span.views):
@@ -57,7 +49,7 @@ def test_image_tokens_attend_bidirectionally_and_expand_rows_keeps_that_mask():
     """The first image token's layer-0 output depends on the last image token's input (no
     causal mask inside the image), also after `expand_rows`."""
     vlm = tiny("tiny-gemma3")
-    inputs = vlm.prepare(text="What is this?", images=[wide_image(0)])
+    inputs = vlm.prepare(text="What is this?", images=[random_image(0, 96, 32)])
     visual = vlm.layout(inputs)[0].visual
     first, last = int(visual[0]), int(visual[-1])
     with torch.no_grad(), vlm.trace(inputs):

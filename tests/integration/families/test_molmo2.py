@@ -1,10 +1,8 @@
 """Molmo2 specifics: visual features added onto the placeholder embeddings, two pooled views per
 image (offset by the pooling padding), one timestamped run per frame."""
 
-import numpy as np
 import torch
-from support import media_pair, random_video, tiny
-from PIL import Image
+from support import media_pair, random_image, random_video, tiny
 
 from vlminterp.interventions import output_tensor, site_tensor
 
@@ -22,20 +20,13 @@ def test_features_are_added_onto_the_placeholder_embeddings():
     assert float(placeholder.abs().max()) > 0  # an overwrite would have lost it
 
 
-def painted(seed, box=None):
-    pixels = np.random.RandomState(seed).randint(0, 255, (60, 80, 3), dtype=np.uint8)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        pixels[y0:y1, x0:x1] = 255 - pixels[y0:y1, x0:x1]
-    return Image.fromarray(pixels)
-
-
 def test_a_box_painted_through_the_processor_lands_in_box_positions_of_both_views():
     """Reference: the processor's own pooling indices say which patches each image token
     pools; a token changes when one of its patches does."""
     vlm = tiny("tiny-molmo2")
     box = (30, 20, 50, 40)
-    inputs = vlm.prepare(text="What is this?", images=[painted(0), painted(0, box)])
+    inputs = vlm.prepare(text="What is this?", images=[random_image(0, 80, 60),
+                                                          random_image(0, 80, 60, box=box)])
     n_crops = inputs.row_sizes()["pixel_values"][0]
     pixels = inputs["pixel_values"]
     patch_changed = (pixels[:n_crops] - pixels[n_crops:]).abs().amax(-1).flatten() > 1e-6
