@@ -2,6 +2,8 @@
 
 The recipes run end to end (`recipes.clip_*`, in-process) on zoo images written to a folder:
 
+* the planted mechanism is in the weights (plain open_clip forward with hand-registered hooks):
+  the planted FFN units switch with the object, and head 1 of block 2 reads the object;
 * clusters: k-means on block l's FFN gates groups the object's tokens apart from the texture's.
   A patch token is an object token when the object covers >= 50% of its cell and background
   when it covers none (partial cells are left out); "object clusters" are those whose tokens are
@@ -16,6 +18,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from recipes import clip_circuit, clip_cluster, clip_fit, clip_target_causal, clip_trace
@@ -43,13 +46,39 @@ def _pipeline(d, folder, k):
     return load_artifact(d / "features", "features")["labels"].numpy()
 
 
-# Not what the shipped model learned (measured 2026-12-02, seed 0 weights): the tokens >= 50%
-# covered by the object (102 of 4096) spread over 4-5 of the 8 gate clusters, none of them mostly
-# object (recall 0.0 at blocks 0, 1 and 2; with k=16 one cluster of 37 object / 5 background
-# tokens, recall 0.51). The assertion stays; the task needs changing (e.g. bigger objects or a
-# per-token objective) before it holds. strict: a retrained model that passes turns this red.
-@pytest.mark.xfail(strict=True, reason="tiny-clip-shapes' FFN gate clusters do not separate object "
-                   "tokens (object recall 0.0 at k=8): the planted mechanism is not learned")
+def test_the_planted_units_and_head_are_in_the_shipped_weights():
+    """Ground truth for the two recovery tests below, read without the library's tracing."""
+    from vlminterp import zoo
+
+    model, preprocess, _ = zoo.build("tiny-clip-shapes")
+    items = image_task.heldout_items(31, 4)  # 32 fresh images, 4 per class
+    blocks = model.visual.transformer.resblocks
+    seen = {}
+    hooks = [blocks[1].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.__setitem__("fc", o)),
+             blocks[2].ln_1.register_forward_hook(lambda m, i, o: seen.__setitem__("ln", o))]
+    with torch.no_grad():
+        model.encode_image(torch.stack([preprocess(it.image) for it in items]))
+        for h in hooks:
+            h.remove()
+        attn = blocks[2].attn  # q k^T / sqrt(d) from nn.MultiheadAttention's packed projection
+        q, k, _ = torch.nn.functional.linear(seen["ln"], attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        d = q.shape[-1] // attn.num_heads
+        q, k = (t.unflatten(-1, (attn.num_heads, d))[:, :, 1] for t in (q, k))  # head 1
+        logits = q @ k.transpose(1, 2) / d**0.5
+    cover = np.stack([np.r_[np.nan, it.coverage().reshape(-1)] for it in items])  # CLS first
+    obj, bg = cover >= 0.5, cover == 0
+    units_on = (seen["fc"][..., :32] > 0).float().mean(-1).numpy()  # planted units 0-31
+    print(f"planted units on: object tokens {units_on[obj].mean():.3f}, untouched "
+          f"{units_on[bg].mean():.3f}; other units on: object "
+          f"{(seen['fc'][..., 32:] > 0).float().mean(-1).numpy()[obj].mean():.3f}")
+    assert units_on[obj].mean() >= 0.95 and units_on[bg].mean() <= 0.05
+    to_object = torch.from_numpy(obj)[:, None, :] & torch.from_numpy(obj | (np.arange(65) == 0))[:, :, None]
+    to_bg = torch.from_numpy(obj | (np.arange(65) == 0))[:, :, None] & torch.from_numpy(bg)[:, None, :]
+    print(f"head 1 of block 2: object/CLS -> object logits {logits[to_object].mean():.1f}, "
+          f"-> untouched {logits[to_bg].mean():.1f}")
+    assert logits[to_object].mean() >= 10 and logits[to_object].mean() - logits[to_bg].mean() >= 10
+
+
 def test_gate_clusters_separate_object_from_background_tokens(tmp_path):
     rng = np.random.default_rng([21, 1])
     items = [image_task.sample_item(rng, c) for c in image_task.CLASSES for _ in range(N_IMAGES // 8)]

@@ -78,14 +78,19 @@ SPECS = {s.zoo_id: s for s in [
         task="vlminterp.zoo.clip_shapes:ShapesCLIP", steps=600, batch_size=64, lr=2e-3,
         eval_n=50,
         description="open_clip ViT (64 px, patch 8 = 8x8 grid + CLS, width 32, 3 blocks) "
-                    "classifying the zoo's object images by similarity to one text per class",
+                    "classifying the zoo's object images by similarity to one text per class, "
+                    "with object-switched FFN units and an object-reading head planted",
         data="vlminterp.zoo.image_task (vlminterp.data.synthetic_images.zoo_image)",
         mechanism={
-            "FFN gates": "intended: object and texture tokens switch different FFN units on. NOT "
-                         "learned by the seed-0 weights: k-means gate clusters (k=8, blocks 0-2) "
-                         "hold no object-majority cluster (tests/acceptance/test_zoo_clip.py)",
-            "attention": "the class must reach CLS from the object's tokens: attention logits into "
-                         "the object's tokens are structured (significant target-causal edges)",
+            "FFN gates": "planted: in blocks 1 and 2, FFN units 0-31 switch on (c_fc output >= 1) "
+                         "at patch tokens the object covers >= 50% and off (<= -1) at tokens it "
+                         "does not touch (hinge loss); k-means on block 1's binary gates puts "
+                         "the object's tokens in their own cluster(s). With the class loss alone "
+                         "(the first weights) no cluster was mostly object tokens",
+            "attention": "planted: in head 1 of block 2, CLS and the object's tokens send "
+                         "attention logits >= 15 to the object's tokens (hinge loss): the "
+                         "target-causal test finds significant edges from the object cluster "
+                         "into the object's tokens",
         },
     ),
 ]}
