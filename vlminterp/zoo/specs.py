@@ -102,14 +102,18 @@ SPECS = {s.zoo_id: s for s in [
             "direction": "needs the square's x in >= 2 temporal groups (on hold=2 clips no group "
                          "shows motion); it enters only at the visual positions, but there "
                          "twice: the projector's tokens at the LM input and the deepstack "
-                         "features added to the same positions after LM layers 0 and 1. A "
-                         "patch of the LM input alone (causal tracing's 'embed') keeps the "
-                         "counterfactual's deepstack features; with them carried "
-                         "(expand_rows(carry=)) the visual positions restore the answer",
+                         "features added to the same positions after LM layers 0 and 1. Both "
+                         "patched (expand_rows(carry=)) restore the answer (effect 1.0); the LM "
+                         "input alone (causal tracing's 'embed') restores 0.05-0.31, the "
+                         "deepstack features alone 0.75-0.97",
             "colour": "any visible frame suffices; planted: a reversed clip gets the same letter "
                       "logits (consistency loss), so its total effect is < 0.05 logits",
             "first_half / second_half": "only that half's two temporal groups decide the answer "
-                                        "(the other half is independent of it by construction)",
+                                        "(the other half is independent of it by construction); "
+                                        "with the deepstack features carried, >= 99% of the "
+                                        "frame spans' |effect| at the visual entry is on the "
+                                        "square's group, but for a square in frames 0-1 the LM "
+                                        "input alone restores ~0 (the layers need both)",
             "presence": "both halves",
             "training aids": "a linear probe on the projector's tokens at the LM input (square "
                              "in cell + colour, discarded; the deepstack features get no probe) "
