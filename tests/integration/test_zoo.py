@@ -19,6 +19,7 @@ from vlminterp.zoo.specs import SPECS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+VIDEO_ZOO = [z for z in zoo.ZOO_IDS if SPECS[z].task == "vlminterp.zoo.video_model:VideoMC"]
 TOLERANCE = 0.01  # accuracy points: float differences across machines may flip a near-tie
 
 
@@ -33,7 +34,8 @@ def test_weights_fit_the_size_budget_and_match_their_cards():
         import hashlib
 
         assert hashlib.sha256(path.read_bytes()).hexdigest() == card["weights"]["sha256"]
-        assert card["architecture"]["base"] in ("tiny-qwen2-vl", "tiny-llava", "tiny-clip-vit")
+        assert card["architecture"]["base"] in ("tiny-qwen2-vl", "tiny-llava", "tiny-clip-vit",
+                                                "tiny-qwen3-vl")
         assert card["training"]["seed"] == 0 and card["heldout"]["seed"] != card["training"]["seed"]
     assert total <= 20 * 2**20
 
@@ -80,7 +82,7 @@ FRESH_SEED, FRESH_N, FRESH_BAR = 11, 20, 0.9
 def test_shipped_weights_clear_the_bar_on_fresh_heldout_data(zoo_id):
     card = zoo.card(zoo_id)
     model, processor, _ = zoo.build(zoo_id)
-    n = FRESH_N if card["architecture"]["base"] == "tiny-qwen2-vl" else FRESH_N // 4
+    n = FRESH_N if zoo_id in VIDEO_ZOO else FRESH_N // 4
     got = zoo.evaluate_model(SPECS[zoo_id], model, processor, seed=FRESH_SEED, n=n)["by_kind"]
     assert set(got) == set(card["heldout"]["by_kind"])
     low = {k: v["accuracy"] for k, v in got.items() if v["accuracy"] < FRESH_BAR}
@@ -127,13 +129,14 @@ def test_training_is_seeded_and_writes_weights_card_and_curve(tmp_path):
     assert set(saved["heldout"]["by_kind"]) >= {"cat", "all"}
 
 
-def test_fast_training_batches_equal_the_processor_and_plain_attention():
+@pytest.mark.parametrize("zoo_id", VIDEO_ZOO)
+def test_fast_training_batches_equal_the_processor_and_plain_attention(zoo_id):
     from vlminterp.zoo.video_model import VideoMC
 
-    model, processor, _ = zoo.build("tiny-qwen2-vl-motion")
+    model, processor, _ = zoo.build(zoo_id)
     diff = VideoMC(model, processor).self_check(np.random.default_rng(0))
     assert diff < 1e-4
-    assert vlminterp.load("tiny-qwen2-vl-motion").torch_model.config._attn_implementation == "eager"
+    assert vlminterp.load(zoo_id).torch_model.config._attn_implementation == "eager"
 
 
 def test_readme_bring_your_own_method_example_finds_the_known_answer(tmp_path, capsys):

@@ -90,14 +90,17 @@ def _timestamps(ids, group_runs, start_id, end_id) -> torch.Tensor:
     return torch.tensor(sorted(out), dtype=torch.long)
 
 
-def build_tiny(seed: int = 0, moe: bool = False):
+def build_tiny(seed: int = 0, moe: bool = False, *, rope_theta: float = 10000.0,
+               frame_pixels: int = 128 * 128):
     """Tiny Qwen3-VL(-MoE): 4 decoder layers (deepstack after layers 0 and 1), 2 vision blocks,
-    patch 16; images and frames of 64-128 px."""
+    patch 16; images and frames of 64-128 px. The model zoo passes other sizes where its task
+    needs them (its card records them): ``frame_pixels`` caps a video frame's size (64 * 64 ->
+    2x2 tokens per temporal group), ``rope_theta`` the language model's rotary base."""
     tok = tiny.qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIALS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
@@ -110,13 +113,15 @@ def build_tiny(seed: int = 0, moe: bool = False):
     else:
         from transformers import Qwen3VLConfig as config_cls
         from transformers import Qwen3VLForConditionalGeneration as model_cls
-    return tiny_model(seed, tok, model_cls, config_cls, text, deepstack_visual_indexes=[0, 1])
+    return tiny_model(seed, tok, model_cls, config_cls, text, frame_pixels=frame_pixels,
+                      deepstack_visual_indexes=[0, 1])
 
 
-def tiny_model(seed: int, tok, model_cls, config_cls, text: dict, **vision):
+def tiny_model(seed: int, tok, model_cls, config_cls, text: dict, *,
+               frame_pixels: int = 128 * 128, **vision):
     """The tiny Qwen3-VL-style model and processor around ``text`` (the text config): 2
-    vision blocks of patch 16 (``vision`` adds to them), images and frames of 64-128 px. Shared
-    by the Qwen3-VL and Qwen3.5 builders."""
+    vision blocks of patch 16 (``vision`` adds to them), images of 64-128 px, video frames of
+    at most ``frame_pixels``. Shared by the Qwen3-VL and Qwen3.5 builders."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -132,7 +137,7 @@ def tiny_model(seed: int, tok, model_cls, config_cls, text: dict, **vision):
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=128 * 128, **kw),
         video_processor=Qwen3VLVideoProcessor(
-            size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128 * 8},
+            size={"shortest_edge": 64 * 64, "longest_edge": frame_pixels * 8},
             do_sample_frames=False, **kw),
         tokenizer=tok, chat_template=tiny.QWEN_CHAT_TEMPLATE)
     return tiny.seeded_model(model_cls, config, seed), processor

@@ -93,4 +93,37 @@ SPECS = {s.zoo_id: s for s in [
                          "into the object's tokens",
         },
     ),
+    ZooSpec(
+        zoo_id="tiny-qwen3-vl-motion", base="tiny-qwen3-vl",
+        builder="vlminterp.models.qwen3_vl:build_tiny",
+        builder_kwargs={"frame_pixels": 64 * 64, "rope_theta": 2.0},
+        task="vlminterp.zoo.video_model:VideoMC", steps=1200, batch_size=32, lr=2e-3, eval_n=200,
+        description="Qwen3-VL (deepstack after LM layers 0 and 1) answering the motion task's "
+                    "multiple-choice questions about a moving coloured square (8 frames, resized "
+                    "by its processor to 64x64: patch 16, 4 temporal groups of 2x2 tokens, each "
+                    "group after its timestamp text; rope_theta 2 as on tiny-qwen2-vl-motion)",
+        data="vlminterp.zoo.video_task (clips from vlminterp.data.synthetic.make_video)",
+        mechanism={
+            "direction": "needs the square's x in >= 2 temporal groups (on hold=2 clips no group "
+                         "shows motion); it enters only at the visual positions, but there "
+                         "twice: the projector's tokens at the LM input and the deepstack "
+                         "features added to the same positions after LM layers 0 and 1. Both "
+                         "patched (expand_rows(carry=)) restore the answer (effect 1.0); the LM "
+                         "input alone (causal tracing's 'embed') restores 0.05-0.31, the "
+                         "deepstack features alone 0.75-0.97",
+            "colour": "any visible frame suffices; planted: a reversed clip gets the same letter "
+                      "logits (consistency loss), so its total effect is < 0.05 logits",
+            "first_half / second_half": "only that half's two temporal groups decide the answer "
+                                        "(the other half is independent of it by construction); "
+                                        "with the deepstack features carried, >= 99% of the "
+                                        "frame spans' |effect| at the visual entry is on the "
+                                        "square's group, but for a square in frames 0-1 the LM "
+                                        "input alone restores ~0 (the layers need both)",
+            "presence": "both halves",
+            "training aids": "a linear probe on the projector's tokens at the LM input (square "
+                             "in cell + colour, discarded; the deepstack features get no probe) "
+                             "and bigger squares early (a curriculum); held-out clips use "
+                             "square rows training never drew",
+        },
+    ),
 ]}

@@ -1,7 +1,7 @@
 """Training-time speed-ups that leave the model's function unchanged (checked when switched on).
 
-Qwen2-VL's vision attention runs one small attention per temporal group in a Python loop (its
-eager and SDPA paths); with hundreds of groups per batch that loop costs more than the maths. All
+Qwen2-VL's and Qwen3-VL's vision attention runs one small attention per temporal group in a
+Python loop (their eager and SDPA paths); with hundreds of groups per batch that loop costs more than the maths. All
 groups of a batch of equal-sized clips have the same length, so one batched SDPA call computes the
 same thing. `fast_attention` swaps that in (per module instance, not the class) and the language
 model's eager attention for SDPA, and restores both on exit; the shipped models run eager.
@@ -34,10 +34,13 @@ def _batched_vision_attention(self, hidden_states, cu_seqlens, position_embeddin
 
 @contextlib.contextmanager
 def fast_attention(model):
-    """Inside the block: batched vision attention (Qwen2-VL) and SDPA in the language model."""
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as mq
+    """Inside the block: batched vision attention (Qwen2-VL, Qwen3-VL) and SDPA in the language
+    model."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionAttention
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
 
-    patched = [m for m in model.modules() if type(m) is mq.VisionAttention]
+    looped = (VisionAttention, Qwen3VLVisionAttention)  # the same maths, the same loop
+    patched = [m for m in model.modules() if type(m) in looped]
     for m in patched:
         m._zoo_forward = m.forward
         m.forward = types.MethodType(_batched_vision_attention, m)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlminterp.models.common import chat_texts
 from vlminterp.video.multiple_choice import LETTERS
 from vlminterp.zoo import video_task
 from vlminterp.zoo.speedups import check_same_function, fast_attention
@@ -34,28 +33,43 @@ CONSISTENCY_FROM = (0.4, 0.3)  # off until 40% of training, full from 70%: from 
 
 
 class VideoMC:
-    """``batch(items)`` -> model inputs + targets; ``loss(model, rng, n)``; ``evaluate``."""
+    """``batch(items)`` -> model inputs + targets; ``loss(model, rng, n)``; ``evaluate``.
+
+    Generic over the Qwen video processors (Qwen2-VL, Qwen3-VL): patch size, merge size,
+    temporal patch size and the resize factor come from the processor, prompt ids and token
+    types from the family's own ``prepare`` (Qwen3-VL writes a timestamp before every temporal
+    group, from the frames' rate), and `self_check` proves the fast batch equals it."""
 
     def __init__(self, model, processor):
+        from vlminterp.models import VLM, family
+
         self.model, self.processor = model, processor
+        # `prepare` and `layout` only: no nnsight envoy around the model that trains
+        self.vlm = VLM(None, processor, family(model.config.model_type), "zoo-training",
+                       torch_model=model)
         tok = processor.tokenizer
         self.letter_ids = [tok.encode(letter, add_special_tokens=False)[0] for letter in LETTERS[:4]]
-        self._ids: dict[str, torch.Tensor] = {}
+        self._ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.aux = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(video_task.COLOURS))
         vp = processor.video_processor
-        # a patch row is laid out (channel, frame, y, x): channel = column // (2 * 14 * 14)
-        per_channel = 2 * 14 * 14
+        self.patch, self.merge, self.tpatch = vp.patch_size, vp.merge_size, vp.temporal_patch_size
+        if self.tpatch != video_task.GROUP:
+            raise ValueError(f"zoo: the motion task draws the square in groups of "
+                             f"{video_task.GROUP} frames; this processor's temporal patch is "
+                             f"{self.tpatch}")
+        self._cap = self.vlm.family.video_kwargs.get("cap_pixels_per_frame", vp.cap_pixels_per_frame)
+        # a patch row is laid out (channel, frame, y, x): channel = column // per_channel
+        per_channel = self.tpatch * self.patch * self.patch
         mean, std = torch.tensor(vp.image_mean), torch.tensor(vp.image_std)
         self._scale = (1 / (255.0 * std)).repeat_interleave(per_channel)
         self._shift = (-mean / std).repeat_interleave(per_channel)
 
     def _prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chat prompt's ids with the video placeholder expanded, and its token types
-        (cached per prompt)."""
+        """The chat prompt's ids with the video placeholder expanded (timestamps included), and
+        its token types, as the family's ``prepare`` makes them (cached per prompt)."""
         if prompt not in self._ids:
-            text = chat_texts(self.processor, prompt, "video", 1, True, "", "<|video_pad|>")
             dummy = np.zeros((video_task.NUM_FRAMES, video_task.SIZE, video_task.SIZE, 3), np.uint8)
-            out = self.processor(text=text, videos=[list(dummy)], return_tensors="pt")
+            out = self.vlm.prepare(text=prompt, video=[dummy])
             self._ids[prompt] = (out["input_ids"][0], out["mm_token_type_ids"][0])
             self._grid = out["video_grid_thw"][0]
         return self._ids[prompt]
@@ -65,9 +79,10 @@ class VideoMC:
         ``resize`` on the uint8 frames, patchify, then one fused scale and shift per channel."""
         vp = self.processor.video_processor
         x = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)
-        x = vp.resize(x, size=vp.size, resample=vp.resample, factor=28,
-                      temporal_factor=2, cap_pixels_per_frame=vp.cap_pixels_per_frame)
-        patches, *_ = vp.patchify(x, patch_size=14, merge_size=2, temporal_patch_size=2)
+        x = vp.resize(x, size=vp.size, resample=vp.resample, factor=self.patch * self.merge,
+                      temporal_factor=self.tpatch, cap_pixels_per_frame=self._cap)
+        patches, *_ = vp.patchify(x, patch_size=self.patch, merge_size=self.merge,
+                                  temporal_patch_size=self.tpatch)
         patches = patches.reshape(-1, patches.shape[-1])
         return patches.float().mul_(self._scale).add_(self._shift)
 
@@ -97,27 +112,29 @@ class VideoMC:
     def _token_labels(self, items, clips: np.ndarray) -> torch.Tensor:
         """[batch, visual tokens]: 0 where a token's cell holds no square during its group,
         else 1 + the colour index (tokens group-major, row-major within a group)."""
-        _, gh, gw = (int(v) for v in self._grid)
-        gh, gw = gh // 2, gw // 2  # merged 2x2
+        _, gh, gw = (int(v) // self.merge for v in self._grid)  # merged tokens
         b, t, h, w, _ = clips.shape
         square = (clips != np.array(video_task.synthetic.BACKGROUND, np.uint8)).any(-1)
-        cells = square.reshape(b, t // 2, 2, gh, h // gh, gw, w // gw).any(axis=(2, 4, 6))
+        cells = square.reshape(b, t // self.tpatch, self.tpatch, gh, h // gh, gw, w // gw)
+        cells = cells.any(axis=(2, 4, 6))
         colour = np.array([1 + list(video_task.COLOURS).index(it.clip.colour) for it in items])
         return torch.from_numpy(cells.reshape(b, -1) * colour[:, None]).long()
 
     def self_check(self, rng: np.random.Generator) -> float:
-        """Before training: the fast batch equals the processor's output and `fast_attention`
-        leaves the logits unchanged (max difference returned)."""
+        """Before training: the fast batch equals the family's ``prepare`` (the processor with
+        the recipes' arguments) and `fast_attention` leaves the logits unchanged (max difference
+        returned)."""
         items = video_task.train_items(rng, 2)
         inputs, _, _ = self.batch(items)
-        texts = chat_texts(self.processor, [it.prompt for it in items], "video", 2, True, "",
-                           "<|video_pad|>")
-        ref = self.processor(text=texts, videos=[list(it.clip.frames()) for it in items],
-                             return_tensors="pt", padding=True)
+        ref = self.vlm.prepare(text=[it.prompt for it in items],
+                               video=[it.clip.frames() for it in items])
+        if set(ref) != set(inputs):
+            raise RuntimeError(f"zoo: the fast batch has keys {sorted(inputs)}, the family's "
+                               f"prepare {sorted(ref)}")
         if not torch.allclose(ref["pixel_values_videos"], inputs["pixel_values_videos"], atol=1e-5):
             raise RuntimeError("zoo: the fast pixel path differs from the video processor's output")
-        for key in ("input_ids", "mm_token_type_ids", "attention_mask"):  # both right-padded
-            if not torch.equal(ref[key], inputs[key]):
+        for key in ("input_ids", "mm_token_type_ids", "attention_mask", "video_grid_thw"):
+            if not torch.equal(ref[key], inputs[key]):  # both right-padded
                 raise RuntimeError(f"zoo: the fast batch's {key} differs from the processor's")
         return check_same_function(self.model, inputs)
 

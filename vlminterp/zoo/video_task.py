@@ -1,6 +1,8 @@
-"""The motion task of ``tiny-qwen2-vl-motion``: clips of a moving square, five questions.
+"""The motion task of ``tiny-qwen2-vl-motion`` and ``tiny-qwen3-vl-motion``: clips of a moving
+square, five questions.
 
-A clip has 8 frames of 112x112, i.e. 4 Qwen2-VL temporal groups of 2 frames. The square is drawn
+A clip has 8 frames of 112x112, i.e. 4 temporal groups of 2 frames (Qwen2-VL's and Qwen3-VL's
+temporal patch). The square is drawn
 in whole groups only, so every question's answer lives in known groups:
 
 - ``direction`` "Which direction does the square move?" (left / right): asked when two or more
