@@ -33,7 +33,7 @@ from vlminterp.store import ActivationStore, write_json_atomic
 
 RESULT_FLAGS = VIDEO_RESULT_FLAGS + ("token_slice", "swap_spans", "include_motion_only",
                                      "dump_representations", "layers", "direction", "vprime_n",
-                                     "vprime_d")
+                                     "vprime_d", "late_inputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
       "on CPU)")
     a("--direction", choices=ct.DIRECTIONS, default="denoise", help="denoise: clean -> "
       "counterfactual run (as the original); noise: counterfactual -> clean run")
+    a("--late_inputs", choices=ct.LATE_INPUTS, default="carry", help="families whose visual "
+      "features also enter after the LM input (Qwen3-VL's deepstack, Gemma 4's per-layer "
+      "inputs): carry = a patch at embed / layer i also copies the source run's later inputs at "
+      "the patched positions (visual tokens patched at embed bring the whole visual input); "
+      "counterfactual = the patched run keeps its own (the residual stream alone: a lower bound "
+      "at embed). No effect on other families (default: carry)")
     a("--min_total_effect", type=float, default=ct.MIN_TOTAL_EFFECT, help="records whose total "
       "effect |clean - counterfactual| is below this many logits are marked unstable (their "
       "normalised effect divides by almost 0) and left out of the means (default: "
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             s.answer_index, token_slice=str(sl), layers=layers, direction=args.direction,
             swap_spans=spans, batch_size=args.batch_size, dump=store is not None,
             question_id=s.question_id, vprime_shape=(args.vprime_n, args.vprime_d),
-            max_memory=max_memory, info=chosen)
+            max_memory=max_memory, info=chosen, late_inputs=args.late_inputs)
         if not said and chosen:
             said.append(True)
             tqdm.write(f"sweep: {chosen['strategy']} strategy, {chosen['rows_per_forward']} "
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {"model_id": args.model_id, "num_frames": args.num_frames,
                          "token_slice": str(sl), "swap_spans": args.swap_spans,
                          "counterfactuals": names, "layers": layers, "direction": args.direction,
+                         "late_inputs": args.late_inputs,
                          "batch_size": args.batch_size, "annotations": str(data.annotations_json),
                          "remote": args.remote, "min_total_effect": args.min_total_effect,
                          "include_unstable": args.include_unstable},

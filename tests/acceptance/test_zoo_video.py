@@ -7,11 +7,12 @@ the code the recipe runs) and checks that the effect lands where the answer is.
 
 The *visual entry* of a token slice is everything the vision side hands the LM there: the LM
 input and, on Qwen3-VL, the deepstack features added to the same positions after layers 0 and 1
-(outside the layer modules). The tracing's ``embed`` patches the LM input only; `_entry_effects`
-patches it with the deepstack features carried (`expand_rows(carry=)`, a no-op on Qwen2-VL, where
-the two are equal — checked). On tiny-qwen3-vl-motion the LM input alone is not the entry: for a
-square in frames 0-1 the tracing's ``embed`` restores -0.005 of the answer, the deepstack features
-alone 0.07, both together 1.0 (the layers need the two together).
+(outside the layer modules). `_entry_effects` patches it by hand (`patch` of the LM input with
+`expand_rows(carry=)`, a no-op on Qwen2-VL); the tracing's ``embed`` must equal it on both models
+(it carries the later inputs by default, ``late_inputs="carry"``). With
+``late_inputs="counterfactual"`` the tracing patches the LM input alone; on tiny-qwen3-vl-motion
+that is not the entry: for a square in frames 0-1 it restores -0.005 of the answer, the deepstack
+features alone 0.07, both together 1.0 (the layers need the two together).
 
 * presence in the first half: with ``local_swap`` and ``reverse`` counterfactuals that move the
   square out of the first half, >= 90% of the summed |effect| over the four frame spans at the
@@ -99,7 +100,6 @@ PRESENCE_CASES = [((0, 1, 0, 0), ((2, 4), (4, 6)), "visual_frames:2:4"),
 def test_presence_in_first_half_effect_sits_on_the_frames_that_hold_the_square(vlm, groups, swap,
                                                                              answer_span):
     share, n = {s: 0.0 for s in SPANS}, 0  # at the visual entry (deepstack carried)
-    tracing_embed = {s: 0.0 for s in SPANS}  # the tracing's embed: the LM input alone
     every_layer = {s: 0.0 for s in SPANS}
     before = SPANS[:SPANS.index(answer_span)]
     for direction, colour in (("right", "red"), ("left", "blue")):
@@ -113,8 +113,6 @@ def test_presence_in_first_half_effect_sits_on_the_frames_that_hold_the_square(v
             assert records[0]["clean_score"] > 0 and te > 1.0, (name, records[0])  # answer flips
             for r in records:
                 every_layer[r["token_slice"]] += abs(r["effect"])
-                if r["layer"] == "embed":
-                    tracing_embed[r["token_slice"]] += abs(r["effect"])
                 if r["token_slice"] in before:  # causal attention: earlier frames never see it
                     assert abs(r["effect"]) < 0.01, r
                 if r["layer"] == vlm.n_layers - 1:  # by the last layer it left the visual tokens
@@ -124,14 +122,11 @@ def test_presence_in_first_half_effect_sits_on_the_frames_that_hold_the_square(v
             for spec, effect in zip(SPANS, entry):
                 share[spec] += abs(effect)
                 n += 1
-            if vlm.family.visual_entry != "deepstack":  # the LM input is the whole entry
-                embed = [r["effect"] for r in records if r["layer"] == "embed"]
-                assert np.allclose(embed, entry, atol=1e-4), (embed, entry)
+            embed = [r["effect"] for r in records if r["layer"] == "embed"]
+            assert np.allclose(embed, entry, atol=1e-4), (embed, entry)  # tracing = by hand
     total = sum(share.values())
     print(f"{vlm.model_id} presence {groups}: share of summed |effect| on {answer_span}: at the "
-          f"visual entry {share[answer_span] / total:.3f} ({share}); the tracing's embed (LM input "
-          f"only) {tracing_embed[answer_span] / sum(tracing_embed.values()):.3f} ({tracing_embed}); "
-          f"over all layers {every_layer[answer_span] / sum(every_layer.values()):.3f} "
+          f"visual entry {share[answer_span] / total:.3f} ({share}); over all layers {every_layer[answer_span] / sum(every_layer.values()):.3f} "
           f"({every_layer})")
     assert n == 2 * 2 * 4 and share[answer_span] >= 0.9 * total, share
 
@@ -156,22 +151,29 @@ def test_colour_of_a_reversed_clip_has_no_total_effect_and_is_marked_unstable(vl
 
 def test_direction_enters_through_the_visual_tokens(vlm):
     effects = {"visual": [], "text": []}
-    entry = []
+    entry, lm_input = [], []
     for groups, d, hold in [((1, 1, 1, 1), "right", 2), ((0, 1, 1, 0), "left", 2),
                             ((1, 1, 1, 1), "left", 1)]:
         item = Item("direction", _clip(groups, d, "red", hold))
+        clean, cf = item.clip.frames(), {"reverse": reverse(item.clip.frames())}
         for spec in effects:
-            (rec,), _ = ct.trace_sample(vlm, item.clip.frames(), {"reverse": reverse(item.clip.frames())},
-                                        item.prompt, option_ids(vlm, 2), item.answer_index,
-                                        token_slice=spec, layers=["embed"])
+            (rec,), _ = ct.trace_sample(vlm, clean, cf, item.prompt, option_ids(vlm, 2),
+                                        item.answer_index, token_slice=spec, layers=["embed"])
             assert rec["clean_score"] - rec["counterfactual_score"] > 1.0  # reversal flips it
             effects[spec].append(rec["effect"])
-        entry += _entry_effects(vlm, item, reverse(item.clip.frames()), ["visual"])
+        entry += _entry_effects(vlm, item, reverse(clean), ["visual"])
+        (rec,), _ = ct.trace_sample(vlm, clean, cf, item.prompt, option_ids(vlm, 2),
+                                    item.answer_index, layers=["embed"], late_inputs="counterfactual")
+        lm_input.append(rec["effect"])
     print(f"{vlm.model_id} direction at embed (tracing): visual {effects['visual']}, text "
-          f"{effects['text']}; visual entry with deepstack carried {entry}")
-    assert min(entry) >= 0.9 and max(np.abs(effects["text"])) <= 0.1, (entry, effects)
-    if vlm.family.visual_entry != "deepstack":  # the LM input is the whole visual entry
-        assert np.allclose(effects["visual"], entry, atol=1e-4), (effects, entry)
+          f"{effects['text']}; by hand {entry}; the LM input alone (late_inputs='counterfactual') "
+          f"{lm_input}")
+    assert min(effects["visual"]) >= 0.9 and max(np.abs(effects["text"])) <= 0.1, effects
+    assert np.allclose(effects["visual"], entry, atol=1e-4), (effects, entry)
+    if vlm.family.visual_entry == "deepstack":  # the control: most of it comes through deepstack
+        assert max(lm_input) <= 0.5, lm_input
+    else:
+        assert np.allclose(lm_input, entry, atol=1e-4), (lm_input, entry)
 
 
 def test_heldout_items_are_balanced_and_never_training_clips():

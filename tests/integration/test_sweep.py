@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from planted import attend_both_ways
-from support import clean_and_counterfactual, tiny
+from support import clean_and_counterfactual, media_pair, tiny
 
 from vlminterp import sweep
 from vlminterp.metrics import logit_diff
@@ -185,6 +185,24 @@ def test_patching_every_differing_position_restores_the_source_run():
                                     direction=direction, progress=False)
             assert res.normalised()[0, 0] == pytest.approx(1.0, abs=1e-4)
             assert res.values[0, 1] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("model_id", ["tiny-qwen3-vl", "tiny-gemma4"])
+def test_carrying_late_inputs_makes_a_full_residual_patch_reproduce_the_source_run(model_id):
+    """Qwen3-VL adds deepstack features after layers 0-1, Gemma 4 feeds every layer inputs
+    derived from the LM input: patching *every* position of the residual stream at a layer
+    reproduces the source run only if those later inputs come along (``carry_late``)."""
+    vlm = tiny(model_id)
+    inputs = media_pair(vlm, "video")
+    grid = sweep.Grid(["embed", "resid.0", "resid.1"], {"all": "all"})
+    at = vlm.layout(inputs)[1].last
+    scores = metric(vlm.forward(inputs)[:, at])  # plain forward of [clean, counterfactual]
+    want = float(scores[0] - scores[1])
+    got = {carry: sweep.patch_sweep(vlm, inputs, grid, metric, progress=False, carry_late=carry)
+           for carry in (True, False)}
+    assert abs(want) > 1e-3
+    np.testing.assert_allclose(got[True].values[:, 0], want, atol=1e-5)
+    assert abs(got[False].values[0, 0] - want) > 1e-5  # embed: the LM input alone falls short
 
 
 def test_grid_errors_name_the_input():

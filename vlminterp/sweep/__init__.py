@@ -71,15 +71,21 @@ def _result(values, conditions, coords, base, src, dst, method, meta) -> SweepRe
 def patch_sweep(vlm, inputs, grid: Grid, metric, *, direction: str = "denoise",
                 clean: int = 0, corrupt: int = 1, at: int | None = None,
                 strategy: str = "auto", rows_per_forward: int | None = None,
-                max_memory: int | None = None, progress: bool = True) -> SweepResult:
+                max_memory: int | None = None, progress: bool = True,
+                carry_late: bool = False) -> SweepResult:
     """Exact activation patching of every grid condition, one batch row each (see `exact` for
-    the strategies and the memory budget; the result's ``meta`` says what was chosen)."""
+    the strategies and the memory budget; the result's ``meta`` says what was chosen).
+    ``carry_late``: on families whose visual features also enter after the LM input (Qwen3-VL's
+    deepstack, Gemma 4's per-layer inputs), embed / resid patches also copy the source run's
+    later inputs at their positions (`vlminterp.interventions.expand_rows`' ``carry``), so
+    patching every position there reproduces the source run; a no-op elsewhere."""
     src, dst, _, conditions, coords, at = _setup(vlm, inputs, grid, direction, clean, corrupt,
                                                  at)
     base, patched, info = run_conditions(vlm, inputs, conditions, metric, src=src, dst=dst,
                                          at=at, strategy=strategy,
                                          rows_per_forward=rows_per_forward,
-                                         max_memory=max_memory, progress=progress)
+                                         max_memory=max_memory, progress=progress,
+                                         carry_late=carry_late)
     info.pop("extra", None)
     meta = {**info, "direction": direction, "conditions": len(conditions), "at": at}
     return _result(patched - base[dst], conditions, coords, base, src, dst, "exact", meta)

@@ -87,9 +87,12 @@ def _is_remote(vlm) -> bool:
 
 
 def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: int, at: int,
-               visit=None, visit_sites=()) -> tuple[Tensor, Tensor, dict]:
+               visit=None, visit_sites=(), carry_late: bool = False) -> tuple[Tensor, Tensor, dict]:
     """One traced forward: rows [input rows..., patched...]; returns (metric of the input rows,
-    metric of the patched rows, what ``visit(site, tensor, extra)`` put in ``extra``)."""
+    metric of the patched rows, what ``visit(site, tensor, extra)`` put in ``extra``).
+    ``carry_late``: a patch of the residual stream (embed / resid sites) also carries the
+    source row's later LM inputs at its positions (`expand_rows`' ``carry``: Qwen3-VL's
+    deepstack features, Gemma 4's per-layer inputs; a no-op on other families)."""
     import nnsight  # here, not at module import: keeps `--help` light
     n = inputs.batch_size
     by_site: dict = {}
@@ -101,7 +104,9 @@ def rows_chunk(vlm, inputs, chunk: list[Condition], metric, *, src: int, dst: in
     kw = reuse.forward_kwargs(vlm, at)
     with torch.no_grad(), vlm.trace(inputs, **kw):
         extra = nnsight.save({})  # made inside the trace and saved: NDIF returns saved objects
-        expand_rows(vlm, list(range(n)) + [dst] * len(chunk))
+        carry = [(src, [n + j], c.positions, "embed" if c.site.kind == "embed" else c.site.layer)
+                 for j, c in enumerate(chunk) if carry_late and c.site.kind in ("embed", "resid")]
+        expand_rows(vlm, list(range(n)) + [dst] * len(chunk), carry=carry)
         for site in order:
             envoy, side = site.envoy(vlm)
             for (pos, heads), rows in by_site.get(site, {}).items():
@@ -138,11 +143,13 @@ def _agrees(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> bool:
 def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int, dst: int,
                    at: int, strategy: str = "auto", rows_per_forward: int | None = None,
                    max_memory: int | float | None = None, progress: bool = False, visit=None,
-                   visit_sites=()) -> tuple[Tensor, Tensor, dict]:
+                   visit_sites=(), carry_late: bool = False) -> tuple[Tensor, Tensor, dict]:
     """The metric of each input row and of each condition's patched row (source row ``src``
     patched into destination row ``dst``); ``info`` says the strategy and rows per forward.
     ``visit(site, tensor, extra)`` runs once on every site of ``visit_sites`` in a forward
-    over the input rows (e.g. to save representations); ``info["extra"]`` holds ``extra``."""
+    over the input rows (e.g. to save representations); ``info["extra"]`` holds ``extra``.
+    ``carry_late``: residual-stream patches also carry the source's later LM inputs at their
+    positions (see `rows_chunk`; only families with such inputs, which always sweep by rows)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if not conditions:
@@ -164,7 +171,7 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
         strategy = info["strategy"] = "rows"
     if strategy == "rows":
         return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
-                         visit, visit_sites, info)
+                         visit, visit_sites, info, carry_late)
     sites = sorted({c.site for c in conditions}, key=lambda s: s.order)
     probes = [] if checked else _probes(conditions)
     prep = reuse.prepare(vlm, inputs, sites, metric, src=src, dst=dst, at=at,
@@ -176,7 +183,7 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
         warnings.warn(f"{vlm!r}: the language model also takes {prep.other_inputs}, which "
                       f"reused rows would miss; sweeping with one full forward per chunk")
         return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
-                         visit, visit_sites, info)
+                         visit, visit_sites, info, carry_late)
     if prep.cache is None and strategy == "layers+prefix":  # the model returned no cache
         strategy = info["strategy"] = "layers"
     if not checked:
@@ -184,7 +191,7 @@ def run_conditions(vlm, inputs, conditions: list[Condition], metric, *, src: int
                                              info)
         if strategy == "rows":
             return _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress,
-                             visit, visit_sites, info)
+                             visit, visit_sites, info, carry_late)
     out = torch.full((len(conditions),), float("nan"))
     done = dict(zip(map(id, probes), info.pop("probe_values", [])))
     todo = []
@@ -255,16 +262,20 @@ def _check(vlm, prep, probes, metric, dst, at, strategy, info) -> str:
 
 
 def _run_rows(vlm, inputs, conditions, metric, src, dst, at, rows, progress, visit,
-              visit_sites, info) -> tuple[Tensor, Tensor, dict]:
+              visit_sites, info, carry_late=False) -> tuple[Tensor, Tensor, dict]:
     info["strategy"] = "rows"
     out = torch.full((len(conditions),), float("nan"))
     base = None
     bar = _bar(progress, len(conditions), info)
-    for n, idx in enumerate(_chunks(conditions, rows, by_layer=False)):
+    # carrying what the LM derives inside (Gemma 4's shared keys/values) waits for the patched
+    # layer's attention: one layer per forward keeps the sites in execution order
+    by_layer = carry_late and hasattr(vlm.family.late_inputs, "carry_inside")
+    for n, idx in enumerate(_chunks(conditions, rows, by_layer=by_layer)):
         first = n == 0 and visit is not None
         b, values, extra = rows_chunk(vlm, inputs, [conditions[i] for i in idx], metric,
                                       src=src, dst=dst, at=at, visit=visit if first else None,
-                                      visit_sites=visit_sites if first else ())
+                                      visit_sites=visit_sites if first else (),
+                                      carry_late=carry_late)
         info["forwards"] += 1
         if first:
             info["extra"] = extra

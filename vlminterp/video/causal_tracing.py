@@ -16,7 +16,11 @@ For one question about a clean clip and a counterfactual clip (reversed, frames 
 Layer ``"embed"`` is the language model's input embeddings (text embeddings with the projector's
 visual tokens scattered in: the input of ``layers[0]``); layer ``i`` is the residual stream after
 ``layers[i]`` (``vlm.residual(i)``: ``layers[i]``'s output, plus the visual features a deepstack
-family adds after that layer).
+family adds after that layer). On families whose visual features also enter *after* the LM input
+(Qwen3-VL's deepstack, Gemma 4's per-layer inputs), ``late_inputs="carry"`` (the default) makes a
+patch at ``embed`` / layer ``i`` also copy the source run's later inputs at the patched positions,
+so the patched positions run as in the source from there on; ``"counterfactual"`` patches the
+residual stream alone (at ``embed`` on Qwen3-VL that restores only part of the visual input).
 
 Every condition is one patched batch row scored by `vlminterp.sweep.run_conditions`: one forward
 over [clean, counterfactual] records the run being patched, then each patched row starts from
@@ -45,6 +49,7 @@ from .tracing_summary import (MIN_TOTAL_EFFECT, UNSTABLE_DOC, effect_grid, empty
 
 VPRIME_SHAPE = (128, 1024)  # the original's --vprime_n, --vprime_d
 DIRECTIONS = ("denoise", "noise")
+LATE_INPUTS = ("carry", "counterfactual")
 EFFECT_DOC = {
     "denoise": "(patched - counterfactual) / (clean - counterfactual): clean activations patched "
                "into the counterfactual run; 1 = they restore the clean answer; null when equal",
@@ -198,7 +203,7 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
               direction: str = "denoise", dump: bool = False, lay=None,
               dump_slice: str = "visual", vprime_shape: tuple[int, int] = VPRIME_SHAPE,
               rows_per_forward: int | None = None, max_memory: int | None = None,
-              info: dict | None = None):
+              info: dict | None = None, late_inputs: str = "carry"):
     """Score ``chunk``'s conditions on ``pair`` (prepared rows [clean, counterfactual]) with
     `vlminterp.sweep.run_conditions`: one forward over the pair, then the patched rows, each
     starting from the counterfactual (or clean) run's cached state at its layer and first
@@ -209,9 +214,15 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     and 1 or None); with ``dump`` the means pool over ``dump_slice`` (the run's --token_slice,
     see `_representations`). ``rows_per_forward`` patched rows go in one forward (default: as
     many as ``max_memory`` bytes hold, `vlminterp.sweep.exact.rows_for_memory`); ``info``, if
-    given, receives the sweep's strategy, rows per forward and forward count."""
+    given, receives the sweep's strategy, rows per forward and forward count. ``late_inputs``
+    (families whose visual features also enter after the LM input: Qwen3-VL's deepstack,
+    Gemma 4's per-layer inputs): "carry" copies the source run's later inputs at the patched
+    positions too, so that visual tokens patched at ``embed`` bring the whole visual input;
+    "counterfactual" leaves them the patched run's own (the LM input alone: a lower bound)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    if late_inputs not in LATE_INPUTS:
+        raise ValueError(f"late_inputs {late_inputs!r}: expected one of {', '.join(LATE_INPUTS)}")
     src, dst = pair_rows(direction, 0, 1)
     if lay is None:
         lay = vlm.layout(pair)
@@ -223,7 +234,7 @@ def run_chunk(vlm, pair, chunk: list[Condition], option_ids_, correct: int,
     base, patched, run_info = run_conditions(
         vlm, pair, conds, lambda logits: option_margin(logits, option_ids_, correct),
         src=src, dst=dst, at=lay[0].last, rows_per_forward=rows_per_forward,
-        max_memory=max_memory, visit=dump_reps,
+        max_memory=max_memory, visit=dump_reps, carry_late=late_inputs == "carry",
         visit_sites=[Site("embed")] + [Site("resid", i) for i in range(vlm.n_layers)]
         if dump else ())
     if info is not None:
@@ -266,7 +277,7 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
                  layers: list | None = None, direction: str = "denoise", swap_spans=None,
                  batch_size: int | None = None, dump: bool = False, question_id: str = "",
                  vprime_shape: tuple[int, int] = VPRIME_SHAPE, max_memory: int | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, late_inputs: str = "carry"):
     """Trace every (counterfactual, layer, slice) condition of one sample: per counterfactual
     one `run_chunk` over all its conditions, ``batch_size`` patched rows per forward (None: as
     many as ``max_memory`` bytes hold; ``info`` receives what was chosen).
@@ -286,7 +297,8 @@ def trace_sample(vlm, clean: Frames, counterfactuals: dict[str, Frames], prompt:
         scores, infos, rows = run_chunk(vlm, pair, conds, option_ids_, correct, direction,
                                         dump=dump, lay=lay, dump_slice=conds[0].token_slice,
                                         vprime_shape=vprime_shape, rows_per_forward=batch_size,
-                                        max_memory=max_memory, info=info)
+                                        max_memory=max_memory, info=info,
+                                        late_inputs=late_inputs)
         if dump:
             reps.setdefault("clean", rows[0])
             reps[name] = rows[1]
