@@ -108,9 +108,10 @@ SPECS = {s.zoo_id: s for s in [
                          "shows motion); it enters only at the visual positions, but there "
                          "twice: the projector's tokens at the LM input and the deepstack "
                          "features added to the same positions after LM layers 0 and 1. Both "
-                         "patched (expand_rows(carry=)) restore the answer (effect 1.0); the LM "
-                         "input alone (causal tracing's 'embed') restores 0.05-0.31, the "
-                         "deepstack features alone 0.75-0.97",
+                         "patched restore the answer (effect 1.0: causal tracing's 'embed', which "
+                         "carries the deepstack features by default); the LM input alone "
+                         "(--late_inputs counterfactual) restores 0.05-0.31, the deepstack "
+                         "features alone 0.75-0.97",
             "colour": "any visible frame suffices; planted: a reversed clip gets the same letter "
                       "logits (consistency loss), so its total effect is < 0.05 logits",
             "first_half / second_half": "only that half's two temporal groups decide the answer "
