@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import TokenLayout, VideoSpan
+from ..tokens import TokenLayout
 from . import tiny
 from .base import Family, ModelInputs
-from .layouts import finish_row, positions_of, prepare as generic_prepare, visual_runs
-from .qwen2_vl import _check, image_view, video_groups
+from .layouts import prepare as generic_prepare
+from .qwen2_vl import grid_layout
 
 MARKERS = ["<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
 SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|image|>",
@@ -47,38 +47,15 @@ def prepare(vlm, *, video=None, fps: float = 2.0, **kw) -> ModelInputs:
 
 
 def layout(vlm, inputs: ModelInputs) -> TokenLayout:
+    """Images and video frames share the image token (``mm_token_type_ids`` tells them apart);
+    one run per frame group, followed by its timestamp text (`grid_layout`)."""
     cfg = vlm.torch_model.config
-    vcfg = cfg.vision_config
-    merge, patch, tpatch = vcfg.spatial_merge_size, vcfg.patch_size, vcfg.temporal_patch_size
-    image_grids = iter(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
-    video_grids = iter(inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())
-    sizes = iter(inputs.meta.get("image_sizes", []))
-    indices = iter(inputs.meta.get("frames_indices", []))
-    frames = iter(inputs.meta.get("num_frames", []))
+    kinds = inputs["mm_token_type_ids"].cpu()
     marker_ids = [cfg.image_start_token_id, cfg.image_end_token_id, cfg.video_start_token_id,
                   cfg.video_end_token_id]
-    rows = []
-    for b, ids in enumerate(inputs["input_ids"].cpu()):
-        kinds = inputs["mm_token_type_ids"][b].cpu()
-        runs = iter(visual_runs(ids, (cfg.image_token_id,)))
-        images, videos = [], []
-        for start, stop, _ in runs:
-            if int(kinds[start]) != _VIDEO:
-                grid = next(image_grids)
-                pos = torch.arange(start, stop)
-                _check(b, pos, grid, merge)
-                images.append(image_view(pos, grid, next(sizes, None), patch, merge))
-                continue
-            grid = next(video_grids)
-            group_runs = [(start, stop)] + [next(runs)[:2] for _ in range(int(grid[0]) - 1)]
-            pos = torch.cat([torch.arange(a, z) for a, z in group_runs])
-            _check(b, pos, grid, merge)
-            n = next(frames, None) or int(grid[0]) * tpatch
-            groups = video_groups(pos, grid, n, merge, tpatch, next(indices, None))
-            videos.append(VideoSpan(groups, n, markers=_timestamps(ids, group_runs, marker_ids)))
-        marks = positions_of(ids, marker_ids)
-        rows.append(finish_row(inputs, b, images, videos, marks))
-    return TokenLayout(rows)
+    return grid_layout(vlm, inputs, tokens=(cfg.image_token_id,), markers=marker_ids,
+                       is_video=lambda b, start, token: int(kinds[b, start]) == _VIDEO,
+                       timestamps=lambda ids, runs: _timestamps(ids, runs, marker_ids))
 
 
 def _timestamps(ids, group_runs, marker_ids) -> torch.Tensor:

@@ -40,28 +40,48 @@ def video_groups(positions, grid_thw, num_frames: int | None, merge: int, tpatch
 
 def layout(vlm, inputs: ModelInputs) -> TokenLayout:
     cfg = vlm.torch_model.config
-    vcfg = cfg.vision_config
+    return grid_layout(vlm, inputs, tokens=(cfg.image_token_id, cfg.video_token_id),
+                       markers=(cfg.vision_start_token_id, cfg.vision_end_token_id),
+                       is_video=lambda b, start, token: token == cfg.video_token_id)
+
+
+def grid_layout(vlm, inputs: ModelInputs, *, tokens, markers, is_video,
+                timestamps=None) -> TokenLayout:
+    """The layout of the grid families (Qwen2-VL, Qwen3-VL, GLM-4.xV): runs of the visual
+    ``tokens``, each image one ``image_grid_thw`` grid, each video one ``video_grid_thw`` grid
+    (``is_video(row, run_start, token)`` tells them apart). A video is one run, or with
+    ``timestamps`` one run per temporal group, ``timestamps(ids, group_runs)`` giving the
+    groups' timestamp tokens (the video's markers). ``markers``: the token ids of the other
+    marker tokens. Frame indices come from ``inputs.meta["frames_indices"]`` when present."""
+    vcfg = vlm.torch_model.config.vision_config
     merge, patch, tpatch = vcfg.spatial_merge_size, vcfg.patch_size, vcfg.temporal_patch_size
     image_grids = iter(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
     video_grids = iter(inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())
     sizes = iter(inputs.meta.get("image_sizes", []))
+    indices = iter(inputs.meta.get("frames_indices", []))
     frames = iter(inputs.meta.get("num_frames", []))
     rows = []
     for b, ids in enumerate(inputs["input_ids"].cpu()):
+        runs = iter(visual_runs(ids, tokens))
         images, videos = [], []
-        for start, stop, token in visual_runs(ids, (cfg.image_token_id, cfg.video_token_id)):
-            pos = torch.arange(start, stop)
-            if token == cfg.image_token_id:
+        for start, stop, token in runs:
+            if not is_video(b, start, token):
                 grid = next(image_grids)
+                pos = torch.arange(start, stop)
                 _check(b, pos, grid, merge)
                 images.append(image_view(pos, grid, next(sizes, None), patch, merge))
-            else:
-                grid = next(video_grids)
-                _check(b, pos, grid, merge)
-                n = next(frames, None) or int(grid[0]) * tpatch
-                videos.append(VideoSpan(video_groups(pos, grid, n, merge, tpatch), n))
-        marks = positions_of(ids, (cfg.vision_start_token_id, cfg.vision_end_token_id))
-        rows.append(finish_row(inputs, b, images, videos, marks))
+                continue
+            grid = next(video_grids)
+            group_runs = [(start, stop)]
+            if timestamps is not None:
+                group_runs += [next(runs)[:2] for _ in range(int(grid[0]) - 1)]
+            pos = torch.cat([torch.arange(a, z) for a, z in group_runs])
+            _check(b, pos, grid, merge)
+            n = next(frames, None) or int(grid[0]) * tpatch
+            groups = video_groups(pos, grid, n, merge, tpatch, next(indices, None))
+            marks = {} if timestamps is None else {"markers": timestamps(ids, group_runs)}
+            videos.append(VideoSpan(groups, n, **marks))
+        rows.append(finish_row(inputs, b, images, videos, positions_of(ids, markers)))
     return TokenLayout(rows)
 
 

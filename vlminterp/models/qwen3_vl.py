@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import TokenLayout, VideoSpan
+from ..tokens import TokenLayout
 from . import tiny
 from .base import Family, ModelInputs
-from .layouts import finish_row, positions_of, prepare as generic_prepare, visual_runs
-from .qwen2_vl import VIDEO_KWARGS, _check, image_view, video_groups
+from .layouts import prepare as generic_prepare
+from .qwen2_vl import VIDEO_KWARGS, grid_layout
 
 
 class Deepstack:
@@ -47,35 +47,13 @@ def prepare(vlm, *, video=None, fps: float = 2.0, **kw) -> ModelInputs:
 
 
 def layout(vlm, inputs: ModelInputs) -> TokenLayout:
+    """One run per temporal group, after its ``<t seconds>`` text (`grid_layout`)."""
     cfg = vlm.torch_model.config
-    vcfg = cfg.vision_config
-    merge, patch, tpatch = vcfg.spatial_merge_size, vcfg.patch_size, vcfg.temporal_patch_size
     start_id, end_id = cfg.vision_start_token_id, cfg.vision_end_token_id
-    image_grids = iter(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
-    video_grids = iter(inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())
-    sizes = iter(inputs.meta.get("image_sizes", []))
-    frames = iter(inputs.meta.get("num_frames", []))
-    rows = []
-    for b, ids in enumerate(inputs["input_ids"].cpu()):
-        runs = iter(visual_runs(ids, (cfg.image_token_id, cfg.video_token_id)))
-        images, videos, marks = [], [], []
-        for start, stop, token in runs:
-            if token == cfg.image_token_id:
-                grid = next(image_grids)
-                pos = torch.arange(start, stop)
-                _check(b, pos, grid, merge)
-                images.append(image_view(pos, grid, next(sizes, None), patch, merge))
-                continue
-            grid = next(video_grids)
-            group_runs = [(start, stop)] + [next(runs)[:2] for _ in range(int(grid[0]) - 1)]
-            pos = torch.cat([torch.arange(a, z) for a, z in group_runs])
-            _check(b, pos, grid, merge)
-            n = next(frames, None) or int(grid[0]) * tpatch
-            videos.append(VideoSpan(video_groups(pos, grid, n, merge, tpatch), n,
-                                    markers=_timestamps(ids, group_runs, start_id, end_id)))
-        marks = positions_of(ids, (start_id, end_id))
-        rows.append(finish_row(inputs, b, images, videos, marks))
-    return TokenLayout(rows)
+    return grid_layout(vlm, inputs, tokens=(cfg.image_token_id, cfg.video_token_id),
+                       markers=(start_id, end_id),
+                       is_video=lambda b, start, token: token == cfg.video_token_id,
+                       timestamps=lambda ids, runs: _timestamps(ids, runs, start_id, end_id))
 
 
 def _timestamps(ids, group_runs, start_id, end_id) -> torch.Tensor:
