@@ -44,9 +44,11 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
     return TokenLayout(rows)
 
 
-def build_tiny(seed: int = 0):
+def build_tiny(seed: int = 0, *, image_size: int = TINY_SIZE, patch_size: int = TINY_PATCH):
     """Tiny LLaVA-OneVision: SigLIP tower on 32 px views (patch 8: 4x4 cells, 2x2 pooled per
-    video frame), up to 2x2 tiles, Qwen2 LM of 4 layers with tied embeddings."""
+    video frame), up to 2x2 tiles, Qwen2 LM of 4 layers with tied embeddings. ``image_size``
+    / ``patch_size`` size the views (the zoo's objects model: 64 / 8, an 8x8 base grid); the
+    tile resolutions scale with them (1x1, 1x2, 2x1, 2x2 views)."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
                               LlavaOnevisionVideoProcessor)
@@ -55,10 +57,11 @@ def build_tiny(seed: int = 0):
     tok.add_special_tokens({"additional_special_tokens": tiny.QWEN_SPECIALS[1:] +
                             ["<image>", "<video>"]})
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    pinpoints = [[p * image_size // TINY_SIZE for p in hw] for hw in TINY_PINPOINTS]
     config = LlavaOnevisionConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=TINY_SIZE,
-                           patch_size=TINY_PATCH, vision_use_head=False),
+                           num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                           patch_size=patch_size, vision_use_head=False),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=2048,
@@ -66,14 +69,13 @@ def build_tiny(seed: int = 0):
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
-    size = {"height": TINY_SIZE, "width": TINY_SIZE}
+    size = {"height": image_size, "width": image_size}
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size,
-                                                     image_grid_pinpoints=TINY_PINPOINTS),
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
         video_processor=LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
-        tokenizer=tok, num_image_tokens=(TINY_SIZE // TINY_PATCH) ** 2,
+        tokenizer=tok, num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
         chat_template=CHAT_TEMPLATE)
     return tiny.seeded_model(LlavaOnevisionForConditionalGeneration, config, seed), processor

@@ -10,6 +10,7 @@ original pixels. The class is visible only in the object's cells: everything els
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -30,14 +31,33 @@ class ImageItem:
     def label(self) -> int:
         return CLASSES.index(self.category)
 
-    def coverage(self) -> np.ndarray:
-        """[8, 8]: the fraction of each cell the object covers (row-major cells)."""
+    def coverage(self, geometry=None) -> np.ndarray:
+        """[rows, cols]: the fraction of each cell the object covers, of the zoo's 8x8 grid
+        or of a view's cells (its `ImageGeometry`: each cell's footprint mapped back to
+        original pixels, rounded to whole pixels; parts outside the image count as empty)."""
+        m = self._mask
+        if geometry is None:
+            return m.reshape(GRID, CELL, GRID, CELL).mean(axis=(1, 3))
+        (rows, cols), g = geometry.grid, geometry
+        xs = (g.crop_box[0] + np.arange(cols + 1) * g.cell) * g.original[0] / g.resized[0]
+        ys = (g.crop_box[1] + np.arange(rows + 1) * g.cell) * g.original[1] / g.resized[1]
+        total = self._summed_area
+        xi, yi = (np.clip(np.round(v), 0, n).astype(int) for v, n in ((xs, m.shape[1]), (ys, m.shape[0])))
+        inside = total[np.ix_(yi[1:], xi[1:])] - total[np.ix_(yi[:-1], xi[1:])] \
+            - total[np.ix_(yi[1:], xi[:-1])] + total[np.ix_(yi[:-1], xi[:-1])]
+        return inside / np.outer(np.diff(ys), np.diff(xs))
+
+    @cached_property
+    def _mask(self) -> np.ndarray:
         from PIL import Image, ImageDraw
 
         mask = Image.new("L", (ZOO_SIZE, ZOO_SIZE), 0)
         ImageDraw.Draw(mask).polygon(self.polygon, fill=255)
-        m = np.asarray(mask, dtype=np.float32) / 255.0
-        return m.reshape(GRID, CELL, GRID, CELL).mean(axis=(1, 3))
+        return np.asarray(mask, dtype=np.float64) / 255.0
+
+    @cached_property
+    def _summed_area(self) -> np.ndarray:
+        return np.pad(self._mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
 
 def sample_item(rng: np.random.Generator, category: str | None = None) -> ImageItem:

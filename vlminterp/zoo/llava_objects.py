@@ -1,12 +1,16 @@
-"""Training and held-out scoring of ``tiny-llava-objects`` on Neo et al. 2024's three formats.
+"""Training and held-out scoring of the objects models (``tiny-llava-objects``,
+``tiny-llava-onevision-objects``) on Neo et al. 2024's three formats.
 
 Each training image gets one of: the short-VQA prompt ``What is the main object in this image?``
 + ``It is a`` -> the class word; Yes/No polling ``Is there a {class} in this image?`` (the true
-class -> Yes, another class -> No); the generative ``Describe this image.`` -> `` It is a {class}.``
-+ end of text. All prompts are LLaVA-1.5's, as `vlminterp.neo2024.prompts` builds them. Loss: cross-entropy of
-each answer token. One more term plants what Neo et al. see with the logit lens: at the LM's last
-layer, every visual token whose cell the object covers by >= 25% is trained to read out the class
-word through ``ln_final`` + ``lm_head`` (weight `LENS_WEIGHT`); background tokens get no target.
+class -> Yes, another class -> No); the generative ``Describe this image.`` -> ``It is a {class}.``
++ end of text. The prompts are the family's own, as `vlminterp.neo2024.prompts` builds them
+(LLaVA-1.5's ``USER: <image>\n... ASSISTANT:``, OneVision's chat template). Loss: cross-entropy
+of each answer token. One more term plants what Neo et al. see with the logit lens: at the LM's
+last layer, every visual token of every view with a pixel geometry (LLaVA-1.5's one grid,
+OneVision's base view and tiles; from the library's `TokenLayout`) whose cell the object covers
+by >= 25% is trained to read out the class word through ``ln_final`` + ``lm_head`` (weight
+`LENS_WEIGHT`); background tokens get no target.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlminterp.models.base import ModelInputs
+from vlminterp.models.resolve import language_model
 from vlminterp.neo2024.prompts import TASKS, Prompt, answer_id, prompt_inputs
 from vlminterp.zoo import image_task
 
@@ -36,26 +42,31 @@ MATCH_WEIGHT = 0.5
 
 
 class ObjectsLM:
+    """The task on any image family whose tiny builder `vlminterp.models` knows (read from the
+    model's ``config.model_type``): prompts, visual positions and cells come from the library."""
+
     def __init__(self, model, processor):
-        from vlminterp.models import family_of, wrap
+        from vlminterp.models import family, wrap
 
+        fam = family(model.config.model_type)
         self.model, self.processor = model, processor
-        self.vlm = wrap(model, processor, "tiny-llava", family_of("tiny-llava"))
+        self.vlm = wrap(model, processor, f"zoo training ({fam.name})", fam)
         self.tok = processor.tokenizer
-        self.image_id = model.config.image_token_index
 
-    def texts(self, item: image_task.ImageItem, fmt: str, other: str) -> tuple[str, list[int]]:
+    def texts(self, item: image_task.ImageItem, fmt: str, other: str) -> tuple[Prompt, list[int]]:
         """(prompt, answer token ids) of one format; ``other`` is the class polling_no asks about."""
         c = item.category
         if fmt == "vqa":
-            text = prompt_text(TASKS["vqa"].question, TASKS["vqa"].answer_prefix)
-            return text, [continuation_id(self.tok, text, c)]
+            prompt = Prompt(TASKS["vqa"].question, TASKS["vqa"].answer_prefix)
+            return prompt, [continuation_id(self.tok, prompt_text(self.vlm, prompt), c)]
         if fmt.startswith("polling"):
-            text = prompt_text(TASKS["polling"].question.format(
+            prompt = Prompt(TASKS["polling"].question.format(
                 category=c if fmt == "polling_yes" else other))
-            return text, [continuation_id(self.tok, text, "Yes" if fmt == "polling_yes" else "No")]
-        text = prompt_text(TASKS["generative"].question)
-        return text, self.tok.encode(f" It is a {c}.", add_special_tokens=False) + [self.tok.eos_token_id]
+            word = "Yes" if fmt == "polling_yes" else "No"
+            return prompt, [continuation_id(self.tok, prompt_text(self.vlm, prompt), word)]
+        prompt = Prompt(TASKS["generative"].question)
+        reply = prompt.reply(self.vlm, f"It is a {c}.")
+        return prompt, self.tok.encode(reply, add_special_tokens=False) + [self.tok.eos_token_id]
 
     def batch(self, items, rng) -> tuple[dict, list, list, list]:
         """(inputs with answers appended, [(row, position, target)] of the answers, of the lens
@@ -65,12 +76,12 @@ class ObjectsLM:
         for r, item in enumerate(items):
             fmt = str(rng.choice(FORMATS, p=share / share.sum()))
             other = str(rng.choice([c for c in image_task.CLASSES if c != item.category]))
-            text, answer = self.texts(item, fmt, other)
-            rows.append((text, answer))
+            prompt, answer = self.texts(item, fmt, other)
+            rows.append((prompt, answer))
             asked.append(None if not fmt.startswith("polling") else
                          (item.category if fmt == "polling_yes" else other, answer[0]))
-        enc = self.processor(text=[t for t, _ in rows], images=[it.image for it in items],
-                             return_tensors="pt", padding=True)
+        enc = self.vlm.prepare(text=[p.question for p, _ in rows], images=[it.image for it in items],
+                               answer_prefix=[p.reply(self.vlm) for p, _ in rows])
         lengths = enc["attention_mask"].sum(1).tolist()
         width = max(n + len(a) for n, (_, a) in zip(lengths, rows))
         pad = self.tok.pad_token_id
@@ -81,16 +92,18 @@ class ObjectsLM:
             ids[r, n:n + len(answer)] = torch.tensor(answer)
             mask[r, :n + len(answer)] = 1
             answer_slots += [(r, n - 1 + k, t) for k, t in enumerate(answer)]
-            visual = torch.nonzero(ids[r] == self.image_id).flatten()
-            cover = items[r].coverage().reshape(-1)
-            word = continuation_id(self.tok, prompt_text(TASKS["vqa"].question,
-                                                         TASKS["vqa"].answer_prefix), items[r].category)
-            lens_slots += [(r, int(visual[i]), word) for i in np.nonzero(cover >= LENS_COVERAGE)[0]]
+        inputs = ModelInputs({**enc, "input_ids": ids, "attention_mask": mask}, meta=enc.meta)
+        vqa = prompt_text(self.vlm, Prompt(TASKS["vqa"].question, TASKS["vqa"].answer_prefix))
+        for r, row in enumerate(self.vlm.layout(inputs)):
+            word = continuation_id(self.tok, vqa, items[r].category)
+            for view in (v for v in row.images[0].views if v.geometry is not None):
+                cover = items[r].coverage(view.geometry).reshape(-1)
+                lens_slots += [(r, int(view.positions[i]), word)
+                               for i in np.nonzero(cover >= LENS_COVERAGE)[0]]
             if asked[r] is not None:  # the asked class's token, after the image
-                where = torch.nonzero(ids[r, :n] == self.vlm.token_id(" " + asked[r][0])).flatten()
-                match_slots.append((r, int(where[-1]), asked[r][1]))
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": enc["pixel_values"]}, \
-            answer_slots, lens_slots, match_slots
+                where = torch.nonzero(ids[r, :lengths[r]] == self.vlm.token_id(" " + asked[r][0]))
+                match_slots.append((r, int(where.flatten()[-1]), asked[r][1]))
+        return dict(inputs), answer_slots, lens_slots, match_slots
 
     def loss(self, rng: np.random.Generator, batch_size: int, progress: float = 1.0) -> torch.Tensor:
         inputs, answers, lens, match = self.batch(image_task.train_items(rng, batch_size), rng)
@@ -103,8 +116,8 @@ class ObjectsLM:
 
         loss = ce(answers) + (LENS_WEIGHT * ce(lens) if lens else 0.0)
         if match:  # the logit lens after layer MATCH_LAYER at the asked class's token
-            lm = self.model.model.language_model
-            early = self.model.lm_head(lm.norm(out.hidden_states[MATCH_LAYER + 1])).float()
+            norm = language_model(self.model).norm
+            early = self.model.lm_head(norm(out.hidden_states[MATCH_LAYER + 1])).float()
             loss = loss + MATCH_WEIGHT * ce(match, early)
         return loss
 
@@ -112,8 +125,8 @@ class ObjectsLM:
         """The appended answers tokenize as the prompt's continuation."""
         item = image_task.sample_item(rng)
         for fmt in FORMATS:
-            text, answer = self.texts(item, fmt, "dog" if item.category != "dog" else "cat")
-            words = self.tok.decode(answer, skip_special_tokens=True)
+            prompt, answer = self.texts(item, fmt, "dog" if item.category != "dog" else "cat")
+            text, words = prompt_text(self.vlm, prompt), self.tok.decode(answer, skip_special_tokens=True)
             full = self.tok.encode(text + words, add_special_tokens=False)
             head = self.tok.encode(text, add_special_tokens=False)
             if full[:len(head)] != head or full[len(head):] != answer[:len(full) - len(head)]:
@@ -154,11 +167,14 @@ def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int =
     return {f: {"accuracy": float(np.mean(h)), "n": len(h)} for f, h in hits.items()}
 
 
-def prompt_text(question: str, answer_prefix: str = "") -> str:
-    """LLaVA-1.5's verbatim prompt, the text `vlminterp.neo2024.prompts` gives this model
-    through its chat template (``USER: <image>\n{q} ASSISTANT: {prefix}``); training builds
-    its rows from the text, with the answers appended as token ids."""
-    return f"USER: <image>\n{question} ASSISTANT:" + (f" {answer_prefix}" if answer_prefix else "")
+def prompt_text(vlm, prompt: Prompt) -> str:
+    """The text `vlminterp.neo2024.prompts` gives the model for ``prompt``: its family's chat
+    template with the reply prefix (LLaVA-1.5: ``USER: <image>\n{q} ASSISTANT: {prefix}``);
+    training builds its rows from it, with the answers appended as token ids."""
+    from vlminterp.models.common import chat_texts
+
+    return chat_texts(vlm.processor, prompt.question, "image", 1, True, prompt.reply(vlm),
+                      vlm.family.image_token)[0]
 
 
 def continuation_id(tok, text: str, word: str) -> int:

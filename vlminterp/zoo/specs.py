@@ -127,4 +127,30 @@ SPECS = {s.zoo_id: s for s in [
                              "square rows training never drew",
         },
     ),
+    ZooSpec(
+        zoo_id="tiny-llava-onevision-objects", base="tiny-llava-onevision",
+        builder="vlminterp.models.llava_onevision:build_tiny",
+        builder_kwargs={"image_size": 64, "patch_size": 16},
+        task="vlminterp.zoo.llava_objects:ObjectsLM", steps=1400, batch_size=32, lr=3e-3,
+        eval_n=50,
+        description="LLaVA-OneVision (SigLIP tower at 64 px, patch 16; anyres: a 4x4 base view "
+                    "+ 2x2 tiles of 4x4 = an 8x8 grid over the image, row newlines; Qwen2 LM "
+                    "with tied embeddings) naming the one object of 8 classes in Neo et al. "
+                    "2024's formats: short VQA ('It is a' -> class), Yes/No polling, generative "
+                    "description",
+        data="vlminterp.zoo.image_task (vlminterp.data.synthetic_images.zoo_image)",
+        mechanism={
+            "object tokens": "the class is visible only in the object's cells, in the base view "
+                             "and in the tiles: mean-ablating them (+1 buffer ring, every view) "
+                             "at the LM input removes the answer, random tokens of the same "
+                             "count do not",
+            "logit lens": "planted: visual tokens of every view (base and tiles) whose cell the "
+                          "object covers >= 25% read out the class word at the last layer "
+                          "(auxiliary loss, weight 0.5)",
+            "attention": "the last position reads the class from the object's tokens: "
+                         "knocking out object -> last breaks the answer, background -> last not",
+            "polling": "planted: the asked class's token reads Yes/No through the logit lens "
+                       "after layer 1 (auxiliary loss, weight 0.5); the answer copies it",
+        },
+    ),
 ]}

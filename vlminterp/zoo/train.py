@@ -92,7 +92,8 @@ def train(spec: ZooSpec, seed: int = 0, *, steps: int | None = None, builder: st
     wall, cpu = time.time() - start_wall, time.process_time() - start_cpu
     model.eval()
     dtype = getattr(torch, spec.storage_dtype)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    # cloned: tied weights (OneVision's lm_head = embeddings) share storage, which safetensors refuses
+    state = {k: v.detach().to(dtype).clone().contiguous() for k, v in model.state_dict().items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{spec.zoo_id}.safetensors"
