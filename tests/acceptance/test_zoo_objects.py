@@ -1,8 +1,11 @@
-"""Recovery on ``tiny-llava-objects``: Neo et al. 2024's three experiments find the planted object.
+"""Recovery on the objects models (``tiny-llava-objects``, ``tiny-llava-onevision-objects``):
+Neo et al. 2024's three experiments find the planted object.
 
 The images hold one object whose class is visible only in its cells (`vlminterp.zoo.image_task`);
 the tests run the library's Neo 2024 functions (`vlminterp.neo2024`, the code the recipes run) on
-zoo-style images written in COCO format and read back through the curation filter:
+zoo-style images written in COCO format and read back through the curation filter. The object's
+tokens are its cells in every view with a pixel geometry (LLaVA-1.5's one grid; OneVision's base
+view and its tiles), as `vlminterp.neo2024` selects them:
 
 * object ablation: mean-ablating the object's tokens + 1 buffer ring at the LM input flips >= 70%
   of initially correct answers; the same number of random tokens flips <= 10%;
@@ -21,20 +24,22 @@ from vlminterp.data.coco import CocoObjects
 from vlminterp.data.synthetic_images import write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-N_IMAGES = 48  # 6 per class
+# images per model (a multiple of the 8 classes); the OneVision model's five views make it slower
+N_IMAGES = {"tiny-llava-objects": 48, "tiny-llava-onevision-objects": 32}
+
+
+@pytest.fixture(scope="module", params=list(N_IMAGES))
+def vlm(request):
+    return tiny(request.param)
 
 
 @pytest.fixture(scope="module")
-def vlm():
-    return tiny("tiny-llava-objects")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(vlm, tmp_path_factory):
     root = tmp_path_factory.mktemp("objects")
-    coco = CocoObjects(write_dataset(root, N_IMAGES, seed=7, style="zoo"), root)
+    n = N_IMAGES[vlm.model_id]
+    coco = CocoObjects(write_dataset(root, n, seed=7, style="zoo"), root)
     samples = coco.samples(True)  # Neo et al.'s curation filter: every zoo image passes it
-    assert len(samples) == N_IMAGES
+    assert len(samples) == n
     return coco, samples
 
 
@@ -56,7 +61,8 @@ def test_object_tokens_carry_the_answer_random_tokens_do_not(vlm, data, mean):
         for cond in flips:
             flips[cond].append(not by_cond[cond]["correct"])
     rates = {c: float(np.mean(v)) for c, v in flips.items()}
-    print(f"ablation flip rates over {len(flips['object_b1'])} initially correct: {rates}")
+    print(f"{vlm.model_id}: ablation flip rates over {len(flips['object_b1'])} initially "
+          f"correct of {len(samples)}: {rates}")
     assert len(flips["object_b1"]) >= 0.95 * len(samples), "the model gets most images right"
     assert rates["object_b1"] >= 0.70 and rates["random_obj"] <= 0.10, rates
 
@@ -70,7 +76,8 @@ def test_logit_lens_reads_the_class_at_the_object(vlm, data):
         bg.append(record["background_fraction"])
     obj, bg = np.mean(obj, axis=0), np.mean(bg, axis=0)
     best = int(np.argmax(obj))
-    print(f"logit lens top-5 hit fraction per layer: object {obj.round(3)}, background {bg.round(3)}")
+    print(f"{vlm.model_id}: logit lens top-5 hit fraction per layer (n={len(samples)}): "
+          f"object {obj.round(3)}, background {bg.round(3)}")
     assert obj[best] > bg[best], (obj, bg)
 
 
@@ -87,6 +94,7 @@ def test_knockout_object_to_last_breaks_the_answer_background_does_not(vlm, data
             if r["layers"] == "all":
                 hits[r["source"]].append(r["correct"])
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
-    print(f"knockout -> last over all layers, accuracy: {acc} (n={len(hits['baseline'])})")
+    print(f"{vlm.model_id}: knockout -> last over all layers, accuracy: {acc} "
+          f"(n={len(hits['baseline'])})")
     assert acc["baseline"] == 1.0 and len(hits["baseline"]) >= 0.95 * len(samples)
     assert acc["baseline"] - acc["obj_b1"] >= 0.5 and acc["baseline"] - acc["image_minus_obj_b1"] <= 0.1, acc

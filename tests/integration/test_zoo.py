@@ -35,7 +35,7 @@ def test_weights_fit_the_size_budget_and_match_their_cards():
 
         assert hashlib.sha256(path.read_bytes()).hexdigest() == card["weights"]["sha256"]
         assert card["architecture"]["base"] in ("tiny-qwen2-vl", "tiny-llava", "tiny-clip-vit",
-                                                "tiny-qwen3-vl")
+                                                "tiny-qwen3-vl", "tiny-llava-onevision")
         assert card["training"]["seed"] == 0 and card["heldout"]["seed"] != card["training"]["seed"]
     assert total <= 20 * 2**20
 
@@ -57,7 +57,7 @@ def test_zoo_model_loads_offline_and_traces_like_the_plain_forward(zoo_id):
             plain = ref(inputs["image"])
         torch.testing.assert_close(out[0], plain[0])
         return
-    if vlm.family.name == "llava":
+    if "image_task" in SPECS[zoo_id].data:
         from vlminterp.zoo.image_task import heldout_items
 
         inputs = vlm.prepare(text="What is the main object in this image?",
@@ -153,21 +153,24 @@ def test_readme_bring_your_own_method_example_finds_the_known_answer(tmp_path, c
     assert str(effects) in capsys.readouterr().out
 
 
-def test_llava_objects_trains_on_the_prompts_the_neo_recipes_send():
-    """Training builds its rows from LLaVA-1.5's verbatim text; the recipes prepare prompts
-    through the chat template: both must give the model the same token ids."""
+@pytest.mark.parametrize("zoo_id", [z for z in zoo.ZOO_IDS
+                                     if SPECS[z].task.startswith("vlminterp.zoo.llava_objects:")])
+def test_objects_models_train_on_the_prompts_the_neo_recipes_send(zoo_id):
+    """Training builds its rows from the prompt text and appends the answers as token ids;
+    the recipes prepare prompts through the processor: both must give the model the same
+    token ids, and the same answer token."""
     from vlminterp.data.synthetic_images import ZOO_CATEGORIES, zoo_image
     from vlminterp.neo2024.prompts import TASKS, Prompt, answer_id, prompt_inputs
     from vlminterp.zoo.llava_objects import continuation_id, prompt_text
 
-    vlm = tiny("tiny-llava-objects")
+    vlm = tiny(zoo_id)
     category = list(ZOO_CATEGORIES)[0]
     image, _ = zoo_image(np.random.RandomState(0), category)
     for task in ("vqa", "polling"):
-        q, prefix = TASKS[task].question.format(category=category), TASKS[task].answer_prefix
-        sent = prompt_inputs(vlm, [image], q, prefix)
-        trained = vlm.prepare(text=prompt_text(q, prefix), images=[image], chat=False)
+        prompt = Prompt(TASKS[task].question.format(category=category), TASKS[task].answer_prefix)
+        sent = prompt_inputs(vlm, [image], prompt.question, prompt.answer_prefix)
+        trained = vlm.prepare(text=prompt_text(vlm, prompt), images=[image], chat=False)
         assert torch.equal(sent["input_ids"], trained["input_ids"])
         word = category if task == "vqa" else "Yes"
-        assert answer_id(vlm, image, Prompt(q, prefix), word, sent) == \
-            continuation_id(vlm.tokenizer, prompt_text(q, prefix), word)
+        assert answer_id(vlm, image, prompt, word, sent) == \
+            continuation_id(vlm.tokenizer, prompt_text(vlm, prompt), word)

@@ -28,8 +28,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Model (and its loading: `vlminterp.load_flags`), data, output, resuming, ``--shard``
     and NDIF flags every neo2024 recipe takes."""
     p.add_argument("--model_id", default="tiny-llava", help="tiny-llava (offline, random weights), "
-                   "tiny-llava-objects (offline, the zoo's trained model; --synthetic then writes "
-                   "the zoo's images), tiny-qwen2-vl, llava-hf/llava-1.5-7b-hf, "
+                   "tiny-llava-objects / tiny-llava-onevision-objects (offline, the zoo's trained "
+                   "models; --synthetic then writes the zoo's images), tiny-qwen2-vl, llava-hf/llava-1.5-7b-hf, "
                    "Qwen/Qwen2-VL-7B-Instruct or a local dir (default: tiny-llava)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--coco_annotations", type=Path, help="COCO instances_*.json (needs --image_root)")
@@ -121,8 +121,11 @@ def load_samples(args) -> tuple[CocoObjects, list[ObjectSample]]:
         from vlminterp.data.synthetic_images import write_dataset
 
         root = args.output.with_name(args.output.stem + "_synthetic")
-        # the zoo's tiny-llava-objects was trained on the zoo's images: give it those
-        style = "zoo" if args.model_id == "tiny-llava-objects" else "classic"
+        from vlminterp.zoo.specs import SPECS
+
+        # the zoo's objects models were trained on the zoo's images: give them those
+        spec = SPECS.get(args.model_id)
+        style = "zoo" if spec and spec.data.startswith("vlminterp.zoo.image_task") else "classic"
         annotations, image_root = write_dataset(root, args.synthetic, seed=args.seed, style=style), root
     else:
         annotations, image_root = args.coco_annotations, args.image_root

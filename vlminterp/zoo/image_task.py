@@ -1,10 +1,12 @@
-"""The objects task of ``tiny-llava-objects`` and ``tiny-clip-shapes``: one object, known class and place.
+"""The objects task of ``tiny-llava-objects``, ``tiny-llava-onevision-objects`` and
+``tiny-clip-shapes``: one object, known class and place.
 
 Images come from `vlminterp.data.synthetic_images.zoo_image`: 224x224, a textured grey background
 (grey blobs and bars, never saturated) and one object of 8 classes (cat, dog, car, bus, bird, cup,
-boat, clock; each its own colour, 4 shapes), area 1100-1900 px², at a random place. Both models see
-an 8x8 patch grid (LLaVA: 112 px, patch 14; CLIP: 64 px, patch 8), so one cell covers 28x28
-original pixels. The class is visible only in the object's cells: everything else is texture.
+boat, clock; each its own colour, 4 shapes), area 1100-1900 px², at a random place. The models see
+an 8x8 patch grid (LLaVA: 112 px, patch 14; CLIP: 64 px, patch 8; OneVision: 2x2 tiles of 4x4
+cells, 64 px, patch 16, besides its 4x4 base view), so one cell covers 28x28 original pixels. The
+class is visible only in the object's cells: everything else is texture.
 """
 
 from __future__ import annotations

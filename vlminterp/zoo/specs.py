@@ -131,7 +131,7 @@ SPECS = {s.zoo_id: s for s in [
         zoo_id="tiny-llava-onevision-objects", base="tiny-llava-onevision",
         builder="vlminterp.models.llava_onevision:build_tiny",
         builder_kwargs={"image_size": 64, "patch_size": 16},
-        task="vlminterp.zoo.llava_objects:ObjectsLM", steps=1400, batch_size=32, lr=3e-3,
+        task="vlminterp.zoo.llava_objects:LocalObjectsLM", steps=1400, batch_size=32, lr=3e-3,
         eval_n=50,
         description="LLaVA-OneVision (SigLIP tower at 64 px, patch 16; anyres: a 4x4 base view "
                     "+ 2x2 tiles of 4x4 = an 8x8 grid over the image, row newlines; Qwen2 LM "
