@@ -24,11 +24,10 @@ from vlminterp.data.coco import CocoObjects
 from vlminterp.data.synthetic_images import write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-# images per model (a multiple of the 8 classes); the OneVision model's five views make it slower
-N_IMAGES = {"tiny-llava-objects": 48, "tiny-llava-onevision-objects": 32}
+N_IMAGES = 48  # 6 per class
 
 
-@pytest.fixture(scope="module", params=list(N_IMAGES))
+@pytest.fixture(scope="module", params=["tiny-llava-objects", "tiny-llava-onevision-objects"])
 def vlm(request):
     return tiny(request.param)
 
@@ -36,10 +35,9 @@ def vlm(request):
 @pytest.fixture(scope="module")
 def data(vlm, tmp_path_factory):
     root = tmp_path_factory.mktemp("objects")
-    n = N_IMAGES[vlm.model_id]
-    coco = CocoObjects(write_dataset(root, n, seed=7, style="zoo"), root)
+    coco = CocoObjects(write_dataset(root, N_IMAGES, seed=7, style="zoo"), root)
     samples = coco.samples(True)  # Neo et al.'s curation filter: every zoo image passes it
-    assert len(samples) == n
+    assert len(samples) == N_IMAGES
     return coco, samples
 
 

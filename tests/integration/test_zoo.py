@@ -174,3 +174,36 @@ def test_objects_models_train_on_the_prompts_the_neo_recipes_send(zoo_id):
         word = category if task == "vqa" else "Yes"
         assert answer_id(vlm, image, prompt, word, sent) == \
             continuation_id(vlm.tokenizer, prompt_text(vlm, prompt), word)
+
+
+def test_background_swap_replaces_only_tokens_that_are_background_in_both_rows():
+    """`LocalObjectsLM` (the OneVision objects model's training) swaps LM-input tokens between
+    rows only where neither image's object nor its buffer ring is, in any view."""
+    import contextlib
+
+    from vlminterp.models.resolve import language_model
+    from vlminterp.zoo import image_task
+    from vlminterp.zoo.llava_objects import LocalObjectsLM
+
+    model, processor, _ = zoo.build("tiny-llava-onevision-objects")
+    task = LocalObjectsLM(model, processor)
+    items = image_task.train_items(np.random.default_rng(0), 6)
+    inputs, _, _, _, background = task.batch(items, np.random.default_rng(1))
+    seen = []
+
+    def lm_input(swap):
+        with torch.no_grad(), swap:  # registered after the swap: it sees the swapped input
+            hook = language_model(model).register_forward_pre_hook(
+                lambda m, a, kw: seen.append(kw["inputs_embeds"].detach().clone()),
+                with_kwargs=True)
+            model(**inputs)
+        hook.remove()
+
+    lm_input(contextlib.nullcontext())
+    lm_input(task.swap_background(np.random.default_rng(3), background))
+    changed = (seen[0] - seen[1]).abs().sum(-1) > 0
+    assert changed.any()
+    for r in range(len(items)):
+        moved = torch.nonzero(changed[r]).flatten()
+        assert set(moved.tolist()) <= set(background[r]), r
+        assert (inputs["input_ids"][r, moved] == model.config.image_token_id).all(), r

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlminterp.data.coco import polygon_cells
 from vlminterp.models.base import ModelInputs
 from vlminterp.models.resolve import language_model
 from vlminterp.neo2024.prompts import TASKS, Prompt, answer_id, prompt_inputs
@@ -73,7 +74,8 @@ class ObjectsLM:
     def batch(self, items, rng) -> tuple[dict, list, list, list, list]:
         """(inputs with answers appended, [(row, position, target)] of the answers, of the lens
         targets and of the polling match targets, per row the positions of its background
-        tokens: cells of every view the object does not touch, nor their 8 neighbours)."""
+        tokens: every view's cells outside the object's + 1 ring, as Neo et al.'s ablation
+        selects them)."""
         rows, answer_slots, lens_slots, match_slots, asked = [], [], [], [], []
         background = [[] for _ in items]
         share = np.array([FORMAT_SHARE[f] for f in FORMATS])
@@ -98,13 +100,15 @@ class ObjectsLM:
             answer_slots += [(r, n - 1 + k, t) for k, t in enumerate(answer)]
         inputs = ModelInputs({**enc, "input_ids": ids, "attention_mask": mask}, meta=enc.meta)
         vqa = prompt_text(self.vlm, Prompt(TASKS["vqa"].question, TASKS["vqa"].answer_prefix))
+        flat = [[v for point in it.polygon for v in point] for it in items]
         for r, row in enumerate(self.vlm.layout(inputs)):
             word = continuation_id(self.tok, vqa, items[r].category)
             for view in (v for v in row.images[0].views if v.geometry is not None):
                 cover = items[r].coverage(view.geometry)
                 lens_slots += [(r, int(view.positions[i]), word)
                                for i in np.nonzero(cover.reshape(-1) >= LENS_COVERAGE)[0]]
-                background[r] += view.positions[~_grow(cover > 0).reshape(-1)].tolist()
+                near = set(view.cell_positions(polygon_cells(view.geometry, [flat[r]], 1)).tolist())
+                background[r] += [p for p in view.positions.tolist() if p not in near]
             if asked[r] is not None:  # the asked class's token, after the image
                 where = torch.nonzero(ids[r, :lengths[r]] == self.vlm.token_id(" " + asked[r][0]))
                 match_slots.append((r, int(where.flatten()[-1]), asked[r][1]))
@@ -179,13 +183,6 @@ class LocalObjectsLM(ObjectsLM):
     answers (dog, the answer with no object, never flips; cat and bus did not either)."""
 
     BACKGROUND_SWAP = 0.5
-
-
-def _grow(cells: np.ndarray) -> np.ndarray:
-    """``cells`` (a bool grid) grown by one ring of 8-neighbours."""
-    padded = np.pad(cells, 1)
-    rows, cols = cells.shape
-    return np.any([padded[i:i + rows, j:j + cols] for i in range(3) for j in range(3)], axis=0)
 
 
 def heldout(model, processor, base: str, *, seed: int, n: int, generate_n: int = 4) -> dict:

@@ -143,7 +143,12 @@ SPECS = {s.zoo_id: s for s in [
             "object tokens": "the class is visible only in the object's cells, in the base view "
                              "and in the tiles: mean-ablating them (+1 buffer ring, every view) "
                              "at the LM input removes the answer, random tokens of the same "
-                             "count do not",
+                             "count do not. Planted: in training, half the rows' background "
+                             "tokens (cells neither the object nor their 8 neighbours touch, "
+                             "every view) are swapped at the LM input for another image's, so "
+                             "class information the SigLIP tower spreads across a 4x4 view "
+                             "cannot carry the answer (without it, seed 0 still read cat and "
+                             "bus beyond the ring: the object+1 ablation flipped 0.625, n=32)",
             "logit lens": "planted: visual tokens of every view (base and tiles) whose cell the "
                           "object covers >= 25% read out the class word at the last layer "
                           "(auxiliary loss, weight 0.5)",
