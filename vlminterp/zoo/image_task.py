@@ -55,11 +55,11 @@ class ImageItem:
 
         mask = Image.new("L", (ZOO_SIZE, ZOO_SIZE), 0)
         ImageDraw.Draw(mask).polygon(self.polygon, fill=255)
-        return np.asarray(mask, dtype=np.float64) / 255.0
+        return np.asarray(mask, dtype=np.float32) / 255.0
 
     @cached_property
     def _summed_area(self) -> np.ndarray:
-        return np.pad(self._mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        return np.pad(self._mask.cumsum(0, dtype=np.float64).cumsum(1), ((1, 0), (1, 0)))
 
 
 def sample_item(rng: np.random.Generator, category: str | None = None) -> ImageItem:
