@@ -139,6 +139,21 @@ def test_fast_training_batches_equal_the_processor_and_plain_attention(zoo_id):
     assert vlminterp.load(zoo_id).torch_model.config._attn_implementation == "eager"
 
 
+@pytest.mark.parametrize("zoo_id", zoo.ZOO_IDS)
+def test_readme_zoo_table_quotes_the_cards_accuracy(zoo_id):
+    """The README's model-zoo row of each id states the held-out accuracies its card holds."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith(f"| `{zoo_id}` (")]
+    assert len(rows) == 1, f"README: expected one zoo table row for {zoo_id}, found {len(rows)}"
+    accuracy_cell = rows[0].split(" | ")[3]
+    quoted = {float(x) for x in re.findall(r"\b[01]\.\d{3}\b", accuracy_cell)}
+    card = zoo.card(zoo_id)["heldout"]["by_kind"]
+    assert quoted == {round(v["accuracy"], 3) for k, v in card.items() if k != "all"}, accuracy_cell
+
+
 def test_readme_bring_your_own_method_example_finds_the_known_answer(tmp_path, capsys):
     import runpy
     from pathlib import Path
