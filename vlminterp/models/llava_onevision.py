@@ -47,8 +47,9 @@ def layout(vlm, inputs: ModelInputs) -> TokenLayout:
 def build_tiny(seed: int = 0, *, image_size: int = TINY_SIZE, patch_size: int = TINY_PATCH):
     """Tiny LLaVA-OneVision: SigLIP tower on 32 px views (patch 8: 4x4 cells, 2x2 pooled per
     video frame), up to 2x2 tiles, Qwen2 LM of 4 layers with tied embeddings. ``image_size``
-    / ``patch_size`` size the views (the zoo's objects model: 64 / 8, an 8x8 base grid); the
-    tile resolutions scale with them (1x1, 1x2, 2x1, 2x2 views)."""
+    / ``patch_size`` size the views (the zoo's objects model: 64 / 16, a 4x4 base view and 2x2
+    tiles of 4x4 = 8x8 cells over the image); the tile resolutions scale with them (1x1, 1x2,
+    2x1, 2x2 views)."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
                               LlavaOnevisionVideoProcessor)

@@ -59,8 +59,9 @@ class ShapesCLIP:
         labels = torch.tensor([it.label for it in items])
         with capture_planted(self.model) as (gates, logits):
             loss = F.cross_entropy(class_logits(self.model, pixels), labels)
-        return (loss + GATE_WEIGHT * gate_loss(gates, items)
-                + ATTN_WEIGHT * attention_loss(logits[0], items))
+        sign = gate_targets(items)
+        return (loss + GATE_WEIGHT * gate_loss(gates, sign)
+                + ATTN_WEIGHT * attention_loss(logits[0], sign))
 
     def self_check(self, rng: np.random.Generator) -> float:
         return 0.0
@@ -97,10 +98,10 @@ def gate_targets(items) -> torch.Tensor:
     return F.pad(sign, (1, 0))
 
 
-def gate_loss(pre: list[torch.Tensor], items) -> torch.Tensor:
-    """Hinge: the planted units' pre-activations on the right side of +-1 at targeted tokens; the
-    object and the untouched tokens weigh the same (the object covers ~3% of the tokens)."""
-    sign = gate_targets(items)
+def gate_loss(pre: list[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
+    """Hinge: the planted units' pre-activations on the right side of +-1 at the tokens
+    `gate_targets` gives a ``sign``; the object and the untouched tokens weigh the same (the
+    object covers ~3% of the tokens)."""
     total = 0.0
     for out in pre:
         miss = F.relu(1 - sign[..., None] * out.float()).mean(-1)  # [batch, tokens]
@@ -108,9 +109,10 @@ def gate_loss(pre: list[torch.Tensor], items) -> torch.Tensor:
     return total / len(pre)
 
 
-def attention_loss(logits: torch.Tensor, items) -> torch.Tensor:
-    """Hinge: head `ATTN_HEAD`'s logits from CLS and object tokens to object tokens >= `ATTN_LOGIT`."""
-    obj = gate_targets(items) > 0
+def attention_loss(logits: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Hinge: head `ATTN_HEAD`'s logits from CLS and object tokens (``sign`` > 0, see
+    `gate_targets`) to object tokens >= `ATTN_LOGIT`."""
+    obj = sign > 0
     queries = obj.clone()
     queries[:, 0] = True
     pairs = queries[:, :, None] & obj[:, None, :]

@@ -1,9 +1,9 @@
 """Training-time speed-ups that leave the model's function unchanged (checked when switched on).
 
 Qwen2-VL's and Qwen3-VL's vision attention runs one small attention per temporal group in a
-Python loop (their eager and SDPA paths); with hundreds of groups per batch that loop costs more than the maths. All
-groups of a batch of equal-sized clips have the same length, so one batched SDPA call computes the
-same thing. `fast_attention` swaps that in (per module instance, not the class) and the language
+Python loop (their eager and SDPA paths); with hundreds of groups per batch that loop costs more
+than the maths. All groups of a batch of equal-sized clips have the same length, so one batched
+SDPA call computes the same thing. `fast_attention` swaps that in (per module instance, not the class) and the language
 model's eager attention for SDPA, and restores both on exit; the shipped models run eager.
 """
 

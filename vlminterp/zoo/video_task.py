@@ -2,8 +2,8 @@
 square, five questions.
 
 A clip has 8 frames of 112x112, i.e. 4 temporal groups of 2 frames (Qwen2-VL's and Qwen3-VL's
-temporal patch). The square is drawn
-in whole groups only, so every question's answer lives in known groups:
+temporal patch). The square is drawn in whole groups only, so every question's answer lives in
+known groups:
 
 - ``direction`` "Which direction does the square move?" (left / right): asked when two or more
   groups show the square. Half the clips hold the square still within a group (``hold=2``); in
